@@ -1,0 +1,553 @@
+"""Pyramid Vision Transformer backbones: PVT (v1) and PVTv2, for dense prediction.
+
+Papers: "Pyramid Vision Transformer: A Versatile Backbone for Dense Prediction without
+Convolutions" (ICCV 2021) and "PVT v2: Improved Baselines with Pyramid Vision Transformer"
+(CVMJ 2022).
+
+The file reads bottom-up: attention, MLP, block, stage, the two registered backbones,
+checkpoint conversion, then the table of variants.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from mmengine.model import BaseModule
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..registry import register_model
+from .layers import HW, DropPath, PatchEmbed, nchw_to_nlc, nlc_to_nchw, resize_pos_embed
+
+# LayerNorm eps as in the authors' training code: blocks and stage outputs use 1e-6, the
+# patch embeddings and the key/value reduction keep PyTorch's default.
+BLOCK_NORM_EPS = 1e-6
+EMBED_NORM_EPS = 1e-5
+# PVTv2-Li pools keys and values to a fixed 7x7 grid, whatever the input size.
+LINEAR_POOL_SIZE = 7
+
+
+class SpatialReductionAttention(nn.Module):
+    """Multi-head attention whose keys and values come from a spatially reduced map.
+
+    Queries come from all ``H*W`` tokens. Keys and values come from the map reduced by a
+    ``sr_ratio``-strided convolution (PVT, PVTv2) or, with ``linear=True``, pooled to 7x7
+    and mixed by a 1x1 convolution (PVTv2-Li), which makes the cost linear in ``H*W``.
+
+    Args:
+        dims: channels of the tokens.
+        num_heads: attention heads; must divide ``dims``.
+        sr_ratio: reduction factor of keys and values (1: none).
+        linear: use the pooled, linear-complexity reduction instead of ``sr_ratio``.
+        qkv_bias: bias in the query and key/value projections.
+        attn_drop: dropout on attention weights (training only).
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(self, dims: int, num_heads: int, sr_ratio: int = 1, linear: bool = False,
+                 qkv_bias: bool = True, attn_drop: float = 0., proj_drop: float = 0.) -> None:
+        super().__init__()
+        if dims % num_heads:
+            raise ValueError(f'num_heads ({num_heads}) must divide the embedding dims ({dims})')
+        self.num_heads = num_heads
+        self.sr_ratio = sr_ratio
+        self.linear = linear
+        self.attn_drop = attn_drop
+        self.q = nn.Linear(dims, dims, bias=qkv_bias)
+        # Keys and values stacked on the output dim, as in every published checkpoint.
+        self.kv = nn.Linear(dims, 2 * dims, bias=qkv_bias)
+        self.proj = nn.Linear(dims, dims)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if linear:
+            self.pool = nn.AdaptiveAvgPool2d(LINEAR_POOL_SIZE)
+            self.sr = nn.Conv2d(dims, dims, kernel_size=1)
+            self.norm = nn.LayerNorm(dims, eps=EMBED_NORM_EPS)
+            self.act = nn.GELU()
+        elif sr_ratio > 1:
+            self.sr = nn.Conv2d(dims, dims, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dims, eps=EMBED_NORM_EPS)
+
+    @property
+    def reduces(self) -> bool:
+        """Whether keys and values come from a reduced map."""
+        return self.linear or self.sr_ratio > 1
+
+    def forward(self, x: torch.Tensor, hw: HW) -> torch.Tensor:
+        B, N, C = x.shape
+        heads = self.num_heads
+        # (B, heads, N, head_dim) as strided views: SDPA reads them without a copy.
+        q = self.q(x).unflatten(-1, (heads, C // heads)).transpose(1, 2)
+        if self.reduces:
+            kv = nlc_to_nchw(x, hw)
+            if self.linear:
+                kv = self.pool(kv)
+            kv = self.norm(nchw_to_nlc(self.sr(kv)))
+            if self.linear:
+                kv = self.act(kv)
+        else:
+            kv = x
+        k, v = self.kv(kv).unflatten(-1, (2, heads, C // heads)).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, C)))
+
+
+class Mlp(nn.Module):
+    """The feed-forward part of a block: fc1, [ReLU], [3x3 depthwise conv], GELU, fc2.
+
+    PVTv2 adds the depthwise convolution on the hidden map (it replaces position
+    embeddings); PVTv2-Li also puts a ReLU before it.
+    """
+
+    def __init__(self, dims: int, hidden_dims: int, dwconv: bool = False, extra_relu: bool = False,
+                 drop: float = 0.) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dims, hidden_dims)
+        self.relu = nn.ReLU() if extra_relu else None
+        self.dwconv = (nn.Conv2d(hidden_dims, hidden_dims, 3, padding=1, groups=hidden_dims)
+                       if dwconv else None)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dims, dims)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor, hw: HW) -> torch.Tensor:
+        x = self.fc1(x)
+        if self.relu is not None:
+            x = self.relu(x)
+        if self.dwconv is not None:
+            x = nchw_to_nlc(self.dwconv(nlc_to_nchw(x, hw)))
+        x = self.drop(self.act(x))
+        return self.drop(self.fc2(x))
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: spatial-reduction attention, then the MLP."""
+
+    def __init__(self, dims: int, num_heads: int, mlp_ratio: float, sr_ratio: int,
+                 linear: bool = False, dwconv: bool = False, qkv_bias: bool = True,
+                 drop: float = 0., attn_drop: float = 0., drop_path: float = 0.) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dims, eps=BLOCK_NORM_EPS)
+        self.attn = SpatialReductionAttention(dims, num_heads, sr_ratio, linear, qkv_bias,
+                                              attn_drop=attn_drop, proj_drop=drop)
+        self.norm2 = nn.LayerNorm(dims, eps=BLOCK_NORM_EPS)
+        self.mlp = Mlp(dims, int(dims * mlp_ratio), dwconv=dwconv, extra_relu=linear, drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, hw: HW) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), hw))
+        return x + self.drop_path(self.mlp(self.norm2(x), hw))
+
+
+class PVTStage(nn.Module):
+    """One pyramid level: patch embedding, [position embedding], blocks, [output norm].
+
+    Args:
+        in_channels: channels of the incoming map (the image for the first stage).
+        dims: channels of this stage.
+        depth: number of blocks.
+        num_heads, mlp_ratio, sr_ratio, linear, dwconv, qkv_bias: per-block settings.
+        patch_size, patch_stride, patch_padding: the patch-embedding convolution.
+        pos_grid: the pre-training token grid of a learned absolute position embedding
+            (PVT v1); ``None`` for none (PVTv2).
+        out_norm: LayerNorm on the stage's output (PVTv2).
+        drop, attn_drop: dropout rates.
+        drop_paths: stochastic-depth rate of each block.
+        with_cp: recompute each block's activations in backward instead of storing them.
+    """
+
+    def __init__(self, in_channels: int, dims: int, depth: int, num_heads: int, mlp_ratio: float,
+                 sr_ratio: int, patch_size: int, patch_stride: int, patch_padding: int,
+                 pos_grid: HW | None = None, linear: bool = False, dwconv: bool = False,
+                 out_norm: bool = False, qkv_bias: bool = True, drop: float = 0.,
+                 attn_drop: float = 0., drop_paths: Sequence[float] = (), with_cp: bool = False) -> None:
+        super().__init__()
+        self.with_cp = with_cp
+        self.patch_embed = PatchEmbed(in_channels, dims, patch_size, patch_stride, patch_padding,
+                                      norm_eps=EMBED_NORM_EPS)
+        self.pos_grid = pos_grid
+        if pos_grid is not None:
+            self.pos_embed = nn.Parameter(torch.zeros(1, pos_grid[0] * pos_grid[1], dims))
+            self.pos_drop = nn.Dropout(drop)
+        else:
+            self.register_parameter('pos_embed', None)
+        drop_paths = list(drop_paths) or [0.] * depth
+        self.blocks = nn.ModuleList(
+            Block(dims, num_heads, mlp_ratio, sr_ratio, linear, dwconv, qkv_bias, drop, attn_drop, dp)
+            for dp in drop_paths)
+        self.norm = nn.LayerNorm(dims, eps=BLOCK_NORM_EPS) if out_norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, hw = self.patch_embed(x)
+        if self.pos_embed is not None:
+            # Resized whenever the grid differs from pre-training's, at every stage.
+            x = self.pos_drop(x + resize_pos_embed(self.pos_embed, self.pos_grid, hw))
+        recompute = self.with_cp and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            x = checkpoint(block, x, hw, use_reentrant=False) if recompute else block(x, hw)
+        if self.norm is not None:
+            x = self.norm(x)
+        return nlc_to_nchw(x, hw)
+
+
+class PyramidVisionTransformerBase(BaseModule):
+    """What PVT and PVTv2 share; the subclasses set the family's fixed design.
+
+    Args:
+        arch: a variant name of the family (see ``arch_zoo``) or a dict with keys
+            ``embed_dims``, ``depths``, ``num_heads``, ``mlp_ratios``, ``sr_ratios`` (one
+            entry per stage) and optionally ``linear`` (PVTv2-Li attention).
+        in_channels: channels of the input image.
+        out_indices: stages whose maps are returned, 0-based (strides 4, 8, 16, 32).
+        qkv_bias: bias in the query/key/value projections.
+        drop_rate: dropout after attention and MLP projections (and position embeddings).
+        attn_drop_rate: dropout on attention weights.
+        drop_path_rate: stochastic depth of the last block; it grows linearly from 0 over
+            all blocks. The papers train detectors and segmentors with 0.1.
+        frozen_stages: the first ``frozen_stages`` stages (with their patch embeddings)
+            get no gradients and stay in eval mode; -1 or 0 freezes nothing.
+        norm_eval: keep every normalisation layer in eval mode during training.
+        with_cp: activation checkpointing per block (non-reentrant): less memory, more time.
+        pretrain_img_size: image size the position embeddings were learned at (PVT v1).
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` loads any PVT layout
+            (the authors' release, timm, mmdet, mmpvt; whole detector checkpoints too).
+    """
+
+    # The family's variants and fixed design, set by subclasses.
+    arch_zoo: dict[str, dict[str, Any]] = {}
+    patch_sizes: tuple[int, ...] = ()
+    patch_strides = (4, 2, 2, 2)
+    patch_paddings: tuple[int, ...] = ()
+    use_pos_embed = False
+    dwconv = False
+    out_norm = False
+    # Inputs smaller than this leave no token for the first stage's key/value reduction.
+    min_input_size = 32
+
+    REQUIRED_ARCH_KEYS = ('embed_dims', 'depths', 'num_heads', 'mlp_ratios', 'sr_ratios')
+
+    def __init__(self, arch: str | Mapping[str, Any] = 'b2', in_channels: int = 3,
+                 out_indices: Sequence[int] = (0, 1, 2, 3), qkv_bias: bool = True,
+                 drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.1,
+                 frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
+                 pretrain_img_size: int | Sequence[int] = 224,
+                 init_cfg: Mapping[str, Any] | None = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.arch_settings = self._resolve_arch(arch)
+        dims, depths = self.arch_settings['embed_dims'], self.arch_settings['depths']
+        num_stages = len(depths)
+        self.num_stages = num_stages
+        self.in_channels = in_channels
+        self.out_indices = self._check_out_indices(out_indices, num_stages)
+        if not (frozen_stages == -1 or 0 <= frozen_stages <= num_stages):
+            raise ValueError(f'frozen_stages must be -1 or in [0, {num_stages}], got {frozen_stages}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        if isinstance(pretrain_img_size, int):
+            pretrain_img_size = (pretrain_img_size, pretrain_img_size)
+        self.pretrain_img_size = tuple(pretrain_img_size)
+
+        # stochastic depth decay rule: linear over all blocks of all stages
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        stride, channels, strides = 1, in_channels, []
+        for i in range(num_stages):
+            j = min(i, len(self.patch_sizes) - 1)  # extra stages repeat the last design
+            stride *= self.patch_strides[j]
+            strides.append(stride)
+            pos_grid = ((self.pretrain_img_size[0] // stride, self.pretrain_img_size[1] // stride)
+                        if self.use_pos_embed else None)
+            self.stages.append(PVTStage(
+                channels, dims[i], depths[i], self.arch_settings['num_heads'][i],
+                self.arch_settings['mlp_ratios'][i], self.arch_settings['sr_ratios'][i],
+                patch_size=self.patch_sizes[j], patch_stride=self.patch_strides[j],
+                patch_padding=self.patch_paddings[j], pos_grid=pos_grid,
+                linear=self.arch_settings['linear'], dwconv=self.dwconv, out_norm=self.out_norm,
+                qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
+                drop_paths=rates[sum(depths[:i]):sum(depths[:i + 1])], with_cp=with_cp))
+            channels = dims[i]
+
+        # The output contract, known without running the model.
+        self.out_channels = tuple(dims[i] for i in self.out_indices)
+        self.out_strides = tuple(strides[i] for i in self.out_indices)
+
+        self.apply(_init_weights)
+        self._freeze_stages()
+
+    # -- construction helpers -------------------------------------------------------------
+    def _resolve_arch(self, arch: str | Mapping[str, Any]) -> dict[str, Any]:
+        name = type(self).__name__
+        if isinstance(arch, str):
+            if arch not in self.arch_zoo:
+                raise ValueError(f'{name}: unknown arch {arch!r}; valid names: {", ".join(self.arch_zoo)}')
+            settings = dict(self.arch_zoo[arch])
+        elif isinstance(arch, Mapping):
+            missing = [k for k in self.REQUIRED_ARCH_KEYS if k not in arch]
+            if missing:
+                raise ValueError(f'{name}: arch dict lacks {", ".join(missing)}; '
+                                 f'required keys: {", ".join(self.REQUIRED_ARCH_KEYS)}')
+            settings = dict(arch)
+        else:
+            raise TypeError(f'{name}: arch must be a variant name or a dict, got {type(arch).__name__}')
+        settings.setdefault('linear', False)
+        lengths = {k: len(settings[k]) for k in self.REQUIRED_ARCH_KEYS}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f'{name}: arch lists must have one entry per stage, got lengths {lengths}')
+        return settings
+
+    @staticmethod
+    def _check_out_indices(out_indices: Sequence[int], num_stages: int) -> tuple[int, ...]:
+        if isinstance(out_indices, int):
+            out_indices = (out_indices,)
+        out_indices = tuple(out_indices)
+        if not out_indices:
+            raise ValueError('out_indices must name at least one stage')
+        bad = [i for i in out_indices if not (isinstance(i, int) and 0 <= i < num_stages)]
+        if bad or len(set(out_indices)) != len(out_indices):
+            raise ValueError(f'out_indices must be distinct stage indices in [0, {num_stages - 1}], '
+                             f'got {out_indices}')
+        return tuple(sorted(out_indices))
+
+    # -- training-state control -----------------------------------------------------------
+    def _freeze_stages(self) -> None:
+        for stage in self.stages[:max(self.frozen_stages, 0)]:
+            stage.eval()
+            for param in stage.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True) -> PyramidVisionTransformerBase:
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
+                    module.eval()
+        return self
+
+    # -- weights ----------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """Loads ``init_cfg``'s checkpoint in any known layout; other init_cfgs as mmengine."""
+        init_cfg = self.init_cfg
+        if isinstance(init_cfg, Mapping) and init_cfg.get('type') == 'Pretrained':
+            from ..checkpoint import load_backbone_checkpoint
+            load_backbone_checkpoint(self, init_cfg['checkpoint'], convert_pvt_state_dict,
+                                     map_location=init_cfg.get('map_location', 'cpu'))
+            self._is_init = True
+        else:
+            super().init_weights()
+
+    # -- forward ----------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raises ValueError unless ``x`` is a ``(B, in_channels, H, W)`` batch, H, W >= 32."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels or min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(
+                f'{type(self).__name__} expects input of shape (B, {self.in_channels}, H, W) with '
+                f'H, W >= {self.min_input_size}; got {tuple(x.shape)}')
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Returns the maps of ``out_indices``: ``(B, out_channels[k], H / s_k, W / s_k)``.
+
+        The maps are channels-last in memory (NCHW shape), the layout convolutions run
+        fastest on; a caller that needs contiguous NCHW calls ``.contiguous()``.
+        """
+        self.check_input(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                outs.append(x)
+        return tuple(outs)
+
+
+def _init_weights(m: nn.Module) -> None:
+    """The authors' initialisation: truncated normal linears, fan-out normal convs."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, PVTStage) and m.pos_embed is not None:
+        nn.init.trunc_normal_(m.pos_embed, std=.02)
+
+
+@register_model
+class PVT(PyramidVisionTransformerBase):
+    """PVT v1: non-overlapping patch embeddings and learned absolute position embeddings.
+
+    ``arch``: tiny, small, medium, large, or a dict (see the base class).
+    """
+
+    patch_sizes = (4, 2, 2, 2)
+    patch_paddings = (0, 0, 0, 0)
+    use_pos_embed = True
+
+    def __init__(self, arch: str | Mapping[str, Any] = 'small', **kwargs: Any) -> None:
+        super().__init__(arch, **kwargs)
+
+
+@register_model
+class PVTv2(PyramidVisionTransformerBase):
+    """PVTv2: overlapping patch embeddings, depthwise-conv MLPs, optional linear attention.
+
+    ``arch``: b0, b1, b2, b2_li, b3, b4, b5, or a dict (see the base class).
+    """
+
+    patch_sizes = (7, 3, 3, 3)
+    patch_paddings = (3, 1, 1, 1)
+    dwconv = True
+    out_norm = True
+
+    def __init__(self, arch: str | Mapping[str, Any] = 'b2', **kwargs: Any) -> None:
+        super().__init__(arch, **kwargs)
+
+
+# -- checkpoint conversion -------------------------------------------------------------------
+# mmpvt's layout: stages.{i}.patch_embed.{proj,norm}, stages.{i}.pos_embed (v1),
+# stages.{i}.blocks.{j}.{norm1,attn.{q,kv,proj,sr,norm},norm2,mlp.{fc1,dwconv,fc2}},
+# stages.{i}.norm (v2).
+
+# Keys of classification models that a dense-prediction backbone has no use for.
+CLASSIFICATION_KEYS = re.compile(r'^(head\.|head_drop\.|cls_token$|norm\.)')
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The backbone's flat state dict inside a training or detector checkpoint."""
+    state = checkpoint
+    for wrapper in ('state_dict', 'model', 'module'):
+        if isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+            break
+    if state and all(k.startswith('module.') for k in state):
+        state = {k[len('module.'):]: v for k, v in state.items()}
+    if any(k.startswith('backbone.') for k in state):
+        state = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
+    return dict(state)
+
+
+def detect_layout(state_dict: Mapping[str, Any]) -> str:
+    """Names the layout of a PVT state dict: 'mmpvt', 'official', 'timm' or 'mmdet'."""
+    keys = list(state_dict)
+    if any(k.startswith('patch_embed.') or '.downsample.' in k for k in keys):
+        return 'timm'
+    if any(re.match(r'(patch_embed|block)\d\.', k) for k in keys):
+        return 'official'
+    if any(re.match(r'layers\.\d+\.0\.projection\.', k) for k in keys):
+        return 'mmdet'
+    if any(re.match(r'stages\.\d+\.patch_embed\.', k) for k in keys):
+        return 'mmpvt'
+    raise ValueError('not a PVT state dict in any known layout (the authors\' release, timm, '
+                     f'mmdet, mmpvt); first keys: {keys[:5]}')
+
+
+def _from_official(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+    if m := re.match(r'pos_embed(\d)$', key):
+        tokens = value.shape[1]
+        # The last stage's embedding carries a slot for the class token in front.
+        if math.isqrt(tokens - 1) ** 2 == tokens - 1 and math.isqrt(tokens) ** 2 != tokens:
+            value = value[:, 1:]
+        return f'stages.{int(m[1]) - 1}.pos_embed', value
+    if m := re.match(r'patch_embed(\d)\.(.*)', key):
+        return f'stages.{int(m[1]) - 1}.patch_embed.{m[2]}', value
+    if m := re.match(r'block(\d)\.(\d+)\.(.*)', key):
+        return f'stages.{int(m[1]) - 1}.blocks.{m[2]}.{m[3].replace("dwconv.dwconv.", "dwconv.")}', value
+    if m := re.match(r'norm(\d)\.(.*)', key):
+        return f'stages.{int(m[1]) - 1}.norm.{m[2]}', value
+    return key, value
+
+
+def _from_timm(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
+    if key.startswith('patch_embed.'):
+        return 'stages.0.' + key, value
+    return re.sub(r'^stages\.(\d+)\.downsample\.', r'stages.\1.patch_embed.', key), value
+
+
+_MMDET_BLOCK_RENAMES = (('attn.attn.out_proj.', 'attn.proj.'), ('ffn.layers.0.', 'mlp.fc1.'))
+
+
+def _from_mmdet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    v1 = any(re.match(r'layers\.\d+\.1\.0\.pos_embed$', k) for k in state_dict)
+    dwconv = any(re.match(r'layers\.\d+\.1\.\d+\.ffn\.layers\.4\.', k) for k in state_dict)
+    fc2 = 'ffn.layers.4.' if dwconv else 'ffn.layers.3.'
+    out = {}
+    for key, value in state_dict.items():
+        if m := re.match(r'layers\.(\d+)\.0\.(projection|norm)\.(.*)', key):
+            part = 'proj' if m[2] == 'projection' else 'norm'
+            out[f'stages.{m[1]}.patch_embed.{part}.{m[3]}'] = value
+        elif m := re.match(r'layers\.(\d+)\.1\.0\.pos_embed$', key):
+            out[f'stages.{m[1]}.pos_embed'] = value
+        elif m := re.match(r'layers\.(\d+)\.1\.(\d+)\.(.*)', key):
+            prefix, rest = f'stages.{m[1]}.blocks.{int(m[2]) - v1}.', m[3]
+            if pm := re.match(r'attn\.attn\.in_proj_(weight|bias)$', rest):
+                # mmcv's MultiheadAttention packs q, k, v; PVT keeps q apart from kv.
+                dims = value.shape[0] // 3
+                out[prefix + f'attn.q.{pm[1]}'] = value[:dims]
+                out[prefix + f'attn.kv.{pm[1]}'] = value[dims:]
+                continue
+            for old, new in _MMDET_BLOCK_RENAMES + ((fc2, 'mlp.fc2.'), ('ffn.layers.1.', 'mlp.dwconv.')):
+                if rest.startswith(old):
+                    rest = new + rest[len(old):]
+                    break
+            if rest.startswith(('mlp.fc1.weight', 'mlp.fc2.weight')):
+                value = value.flatten(1)  # 1x1 convolutions to linear weights
+            out[prefix + rest] = value
+        elif m := re.match(r'layers\.(\d+)\.2\.(.*)', key):
+            out[f'stages.{m[1]}.norm.{m[2]}'] = value
+        else:
+            out[key] = value
+    return out
+
+
+def convert_pvt_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Converts a PVT/PVTv2 checkpoint in any known layout to mmpvt's backbone state dict.
+
+    Accepts the authors' release files, timm's pvt_v2 state dicts, mmdet 3.x's built-in
+    ``PyramidVisionTransformer(V2)`` (also inside whole detector checkpoints: ``state_dict``
+    wrapper, ``backbone.`` prefix) and mmpvt's own. Classification-only entries (head, class
+    token, final norm) are dropped. Pure and idempotent: its output converts to itself.
+    """
+    state = unwrap_state_dict(checkpoint)
+    layout = detect_layout(state)
+    state = {k: v for k, v in state.items() if not CLASSIFICATION_KEYS.match(k)}
+    if layout == 'official':
+        state = dict(_from_official(k, v) for k, v in state.items())
+    elif layout == 'timm':
+        state = dict(_from_timm(k, v) for k, v in state.items())
+    elif layout == 'mmdet':
+        state = _from_mmdet(state)
+    return state
+
+
+# -- variants --------------------------------------------------------------------------------
+_SHARED = dict(num_heads=(1, 2, 5, 8), sr_ratios=(8, 4, 2, 1))
+_WIDE = dict(_SHARED, embed_dims=(64, 128, 320, 512), mlp_ratios=(8, 8, 4, 4))
+
+PVT_ARCHS: dict[str, dict[str, Any]] = {
+    'tiny': dict(_WIDE, depths=(2, 2, 2, 2)),
+    'small': dict(_WIDE, depths=(3, 4, 6, 3)),
+    'medium': dict(_WIDE, depths=(3, 4, 18, 3)),
+    'large': dict(_WIDE, depths=(3, 8, 27, 3)),
+}
+
+PVTV2_ARCHS: dict[str, dict[str, Any]] = {
+    'b0': dict(_SHARED, embed_dims=(32, 64, 160, 256), mlp_ratios=(8, 8, 4, 4), depths=(2, 2, 2, 2)),
+    'b1': dict(_WIDE, depths=(2, 2, 2, 2)),
+    'b2': dict(_WIDE, depths=(3, 4, 6, 3)),
+    'b2_li': dict(_WIDE, depths=(3, 4, 6, 3), linear=True),
+    'b3': dict(_WIDE, depths=(3, 4, 18, 3)),
+    'b4': dict(_WIDE, depths=(3, 8, 27, 3)),
+    'b5': dict(_WIDE, depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4)),
+}
+
+PVT.arch_zoo = PVT_ARCHS
+PVTv2.arch_zoo = PVTV2_ARCHS

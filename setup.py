@@ -1,0 +1,36 @@
+"""Installs mmpvt: Pyramid Vision Transformer backbones for MMDetection and MMSegmentation."""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r"__version__ = '([^']+)'", (HERE / 'mmpvt' / 'version.py').read_text()).group(1)
+
+setup(
+    name='mmpvt',
+    version=VERSION,
+    description='Pyramid Vision Transformer (v1, v2) backbones for MMDetection 3.x and MMSegmentation 1.x',
+    long_description=(HERE / 'README.md').read_text() if (HERE / 'README.md').exists() else '',
+    long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    python_requires='>=3.9',
+    packages=find_packages(include=['mmpvt', 'mmpvt.*']),
+    # mmcv must carry its compiled ops (nms, RoIAlign): PyPI has only its source, so
+    # tools/setup_env.sh builds it; pip would otherwise build it without ops or fail.
+    install_requires=[
+        'torch>=2.0',
+        'torchvision',
+        'mmengine>=0.10.0,<1.0.0',
+        'mmcv>=2.0.0rc4,<2.2.0',
+        'timm>=1.0',
+        'pycocotools',
+    ],
+    extras_require={
+        'det': ['mmdet>=3.0.0,<3.4.0'],
+        'seg': ['mmsegmentation>=1.0.0,<1.3.0', 'ftfy', 'regex'],
+        'all': ['mmdet>=3.0.0,<3.4.0', 'mmsegmentation>=1.0.0,<1.3.0', 'ftfy', 'regex', 'matplotlib'],
+        'tests': ['pytest>=8', 'ruff>=0.6'],
+    },
+    zip_safe=False,
+)

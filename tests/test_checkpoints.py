@@ -1,0 +1,258 @@
+"""Loading every checkpoint layout a user brings, checked against independent implementations.
+
+timm's pvt_v2 and mmdet's built-in PyramidVisionTransformer(V2) are the references: their
+randomly initialised weights are written in each layout, loaded through the backbone's
+``init_cfg`` and the features compared.
+"""
+import functools
+import http.server
+import logging
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from mmengine.logging import MMLogger
+
+from mmpvt import PVT, PVTv2, convert_pvt_state_dict
+from mmpvt.checkpoint import CheckpointError
+from mmpvt.models.pvt import detect_layout
+
+from layouts import mmpvt_v1_to_official, timm_v2_to_official
+
+V2_ARCHS = ['b0', 'b1', 'b2', 'b2_li', 'b3', 'b4', 'b5']
+AWKWARD = (1, 3, 225, 290)
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
+
+
+def load_through_init_cfg(cls, arch, path, **kwargs):
+    model = cls(arch=arch, init_cfg=dict(type='Pretrained', checkpoint=str(path)), **kwargs)
+    model.init_weights()
+    return model.eval()
+
+
+def features(model, x):
+    with torch.no_grad():
+        return [o.float() for o in model(x)]
+
+
+def max_abs_diff(outs, refs):
+    return max(float((o - r).abs().max()) for o, r in zip(outs, refs))
+
+
+def max_rel_diff(outs, refs):
+    """The largest difference relative to each map's scale (v1 maps reach ~10)."""
+    return max(float((o - r).abs().max() / r.abs().max()) for o, r in zip(outs, refs))
+
+
+@functools.cache
+def timm_reference(arch):
+    torch.manual_seed(1)
+    model = timm.create_model(f'pvt_v2_{arch}', pretrained=False).eval()
+    x = torch.randn(AWKWARD)
+    with torch.no_grad():
+        refs = model.forward_intermediates(x, intermediates_only=True)
+    return model.state_dict(), x, refs
+
+
+@pytest.mark.parametrize('arch', V2_ARCHS)
+@pytest.mark.parametrize('layout', ['official', 'timm'])
+def test_v2_matches_timm_through_every_layout(arch, layout, tmp_path):
+    state, x, refs = timm_reference(arch)
+    if layout == 'official':
+        state = timm_v2_to_official(state)
+        assert 'block1.0.mlp.dwconv.dwconv.weight' in state and 'head.weight' in state
+    assert detect_layout(state) == layout
+    torch.save(state, tmp_path / f'pvt_v2_{arch}.pth')
+    model = load_through_init_cfg(PVTv2, arch, tmp_path / f'pvt_v2_{arch}.pth')
+    assert max_abs_diff(features(model, x), refs) <= 1e-5
+
+
+def mmdet_pvt(cls_name, arch_kwargs, eps=None):
+    """mmdet's built-in backbone, randomly initialised; optionally with mmpvt's eps."""
+    from mmdet.models.backbones import pvt as mmdet_pvt_module
+    model = getattr(mmdet_pvt_module, cls_name)(**arch_kwargs, drop_path_rate=0.)
+    model.init_weights()
+    if eps is not None:
+        # mmdet uses 1e-6 everywhere; the authors' patch-embedding and reduction norms use 1e-5.
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.LayerNorm) and (name.endswith('.0.norm') or name.endswith('attn.norm')):
+                m.eps = eps
+    return model.eval()
+
+
+MMDET_CASES = {
+    'b0': ('PyramidVisionTransformerV2', dict(embed_dims=32, num_layers=[2, 2, 2, 2])),
+    'b2': ('PyramidVisionTransformerV2', dict(embed_dims=64, num_layers=[3, 4, 6, 3])),
+    'tiny': ('PyramidVisionTransformer', dict(embed_dims=64, num_layers=[2, 2, 2, 2])),
+    'small': ('PyramidVisionTransformer', dict(embed_dims=64, num_layers=[3, 4, 6, 3])),
+}
+
+
+@pytest.mark.parametrize('arch', list(MMDET_CASES))
+@pytest.mark.parametrize('wrapped', [False, True], ids=['backbone', 'detector'])
+def test_matches_mmdet_builtin_backbone(arch, wrapped, tmp_path):
+    cls_name, kwargs = MMDET_CASES[arch]
+    cls = PVT if cls_name == 'PyramidVisionTransformer' else PVTv2
+    torch.manual_seed(2)
+    aligned = mmdet_pvt(cls_name, kwargs, eps=1e-5)
+    state = aligned.state_dict()
+    if wrapped:  # a whole mmdet detector checkpoint
+        detector = {f'backbone.{k}': v for k, v in state.items()}
+        detector['neck.lateral_convs.0.conv.weight'] = torch.zeros(1)
+        state = {'meta': {'epoch': 12}, 'state_dict': detector}
+    assert detect_layout(convert_pvt_state_dict(state)) == 'mmpvt'
+    torch.save(state, tmp_path / 'mmdet.pth')
+    model = load_through_init_cfg(cls, arch, tmp_path / 'mmdet.pth', drop_path_rate=0.)
+    x = torch.randn(AWKWARD)
+    ours = features(model, x)
+    # Same weights and the same eps: the same function, up to fp32 summation order
+    # (mmdet runs its linears as 1x1 convolutions and attention through nn.MultiheadAttention).
+    assert max_rel_diff(ours, features(aligned, x)) <= 1e-5
+    # mmdet's own eps (1e-6 in the two embedding norms) moves features by far less than
+    # their scale; measured about 1e-5 relative here, bounded at 1e-3.
+    for m in aligned.modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.eps = 1e-6
+    assert max_rel_diff(ours, features(aligned, x)) <= 1e-3
+
+
+def test_v1_official_release_layout(tmp_path):
+    torch.manual_seed(3)
+    source = PVT(arch='small', drop_path_rate=0.).eval()
+    official = mmpvt_v1_to_official(source.state_dict())
+    assert official['pos_embed4'].shape == (1, 50, 512)  # 1 class-token slot + 7 * 7
+    assert detect_layout(official) == 'official'
+    torch.save(official, tmp_path / 'pvt_small.pth')
+    model = load_through_init_cfg(PVT, 'small', tmp_path / 'pvt_small.pth', drop_path_rate=0.)
+    x = torch.randn(AWKWARD)
+    assert max_abs_diff(features(model, x), features(source, x)) == 0
+
+
+@pytest.mark.parametrize('layout', ['official', 'timm', 'mmdet', 'mmpvt'])
+def test_conversion_is_pure_and_idempotent(layout):
+    if layout in ('official', 'timm'):
+        state = timm_reference('b0')[0]
+        state = timm_v2_to_official(state) if layout == 'official' else state
+    elif layout == 'mmdet':
+        state = mmdet_pvt(*MMDET_CASES['tiny']).state_dict()
+    else:
+        state = PVTv2(arch='b0').state_dict()
+    before = {k: v.clone() for k, v in state.items()}
+    once = convert_pvt_state_dict(state)
+    twice = convert_pvt_state_dict(once)
+    assert once.keys() == twice.keys() and all(torch.equal(once[k], twice[k]) for k in once)
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in state)
+    assert not any(k.startswith(('head', 'cls_token', 'norm.')) for k in once)
+
+
+def test_state_dict_round_trip():
+    model = PVT(arch='tiny')
+    converted = convert_pvt_state_dict(model.state_dict())
+    fresh = PVT(arch='tiny')
+    fresh.load_state_dict(converted, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_v1_position_embeddings_from_another_pretraining_size_are_resized(tmp_path):
+    state = PVT(arch='tiny', pretrain_img_size=448).state_dict()
+    torch.save(state, tmp_path / 'pvt_448.pth')
+    model = load_through_init_cfg(PVT, 'tiny', tmp_path / 'pvt_448.pth')
+    assert model.stages[0].pos_embed.shape == (1, 56 * 56, 64)
+
+
+def test_other_variant_is_refused_with_key_and_shapes(tmp_path):
+    torch.save(PVTv2(arch='b2').state_dict(), tmp_path / 'b2.pth')
+    with pytest.raises(CheckpointError, match=r'stages\.0\.patch_embed\.proj\.weight has shape '
+                                              r'\(64, 3, 7, 7\) in the checkpoint and \(32, 3, 7, 7\)'):
+        load_through_init_cfg(PVTv2, 'b0', tmp_path / 'b2.pth')
+
+
+def test_deeper_variant_of_same_width_is_refused(tmp_path):
+    torch.save(PVTv2(arch='b2').state_dict(), tmp_path / 'b2.pth')
+    with pytest.raises(CheckpointError, match=r'stages\.0\.blocks\.2\..* is not in the model'):
+        load_through_init_cfg(PVTv2, 'b1', tmp_path / 'b2.pth')
+    with pytest.raises(CheckpointError, match=r'stages\.0\.blocks\.2\..* is missing from the checkpoint'):
+        torch.save(PVTv2(arch='b1').state_dict(), tmp_path / 'b1.pth')
+        load_through_init_cfg(PVTv2, 'b2', tmp_path / 'b1.pth')
+
+
+def test_v1_checkpoint_into_v2_is_refused(tmp_path):
+    torch.save(PVT(arch='small').state_dict(), tmp_path / 'small.pth')
+    with pytest.raises(CheckpointError, match='does not fit PVTv2'):
+        load_through_init_cfg(PVTv2, 'b2', tmp_path / 'small.pth')
+
+
+def test_missing_and_unknown_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match='nope.pth'):
+        load_through_init_cfg(PVTv2, 'b0', tmp_path / 'nope.pth')
+    torch.save({'weight': torch.zeros(3)}, tmp_path / 'resnet.pth')
+    with pytest.raises(ValueError, match='not a PVT state dict'):
+        load_through_init_cfg(PVTv2, 'b0', tmp_path / 'resnet.pth')
+
+
+def test_load_logs_missing_and_unexpected_keys(tmp_path):
+    torch.save(timm_v2_to_official(timm_reference('b0')[0]), tmp_path / 'pvt_v2_b0.pth')
+    torch.save(PVTv2(arch='b1').state_dict(), tmp_path / 'b1.pth')
+    logger = MMLogger.get_current_instance()
+    handler = logging.Handler()
+    records = []
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        load_through_init_cfg(PVTv2, 'b0', tmp_path / 'pvt_v2_b0.pth')
+        assert records[-2:] == ['PVTv2: missing keys: none', 'PVTv2: unexpected keys: none']
+        with pytest.raises(CheckpointError):
+            load_through_init_cfg(PVTv2, 'b2', tmp_path / 'b1.pth')
+        missing = records[-2]
+        assert missing.startswith('PVTv2: missing keys: stages.0.blocks.2.norm1.weight, ')
+        assert missing.count('stages.2.blocks.5.') > 0 and records[-1] == 'PVTv2: unexpected keys: none'
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A loopback HTTP server over tmp_path/'www' (the test's own files only)."""
+    root = tmp_path / 'www'
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f'http://127.0.0.1:{server.server_address[1]}'
+    server.shutdown()
+
+
+def test_checkpoint_from_url_is_downloaded_once_and_loaded(http_server, tmp_path, monkeypatch):
+    root, url = http_server
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    state, x, refs = timm_reference('b0')
+    torch.save(timm_v2_to_official(state), root / 'pvt_v2_b0.pth')
+    model = load_through_init_cfg(PVTv2, 'b0', f'{url}/pvt_v2_b0.pth')
+    assert max_abs_diff(features(model, x), refs) <= 1e-5
+    assert (tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'pvt_v2_b0.pth').is_file()
+
+
+def test_failed_download_names_url_and_how_to_skip(http_server, tmp_path, monkeypatch):
+    _, url = http_server
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
+    with pytest.raises(CheckpointError, match=r'could not download .*/missing\.pth.*init_cfg=None'):
+        load_through_init_cfg(PVTv2, 'b0', f'{url}/missing.pth')
+
+
+def test_convert_checkpoint_cli(tmp_path, python):
+    torch.save(timm_v2_to_official(timm_reference('b0')[0]), tmp_path / 'pvt_v2_b0.pth')
+    result = subprocess.run(
+        [python, 'tools/convert_checkpoint.py', tmp_path / 'pvt_v2_b0.pth', tmp_path / 'out.pth'],
+        cwd=ROOT_DIR, capture_output=True, text=True, check=True)
+    assert 'official layout' in result.stdout and '3.41M parameters' in result.stdout
+    assert 'head.weight' in result.stdout
+    model = PVTv2(arch='b0')
+    model.load_state_dict(torch.load(tmp_path / 'out.pth', weights_only=True), strict=True)
+    failed = subprocess.run([python, 'tools/convert_checkpoint.py', tmp_path / 'no.pth', tmp_path / 'x.pth'],
+                            cwd=ROOT_DIR, capture_output=True, text=True)
+    assert failed.returncode == 1 and 'checkpoint not found' in failed.stderr
