@@ -275,6 +275,10 @@ class PyramidVisionTransformerBase(BaseModule):
         self.out_strides = tuple(strides[i] for i in self.out_indices)
 
         self.apply(_init_weights)
+        # Depthwise 3x3 weights, (C, 1, 3, 3), are ambiguous to PyTorch's layout heuristics,
+        # which then copy the channels-last token map to NCHW and back around every MLP
+        # convolution; channels-last weights keep the whole network in one layout.
+        self.to(memory_format=torch.channels_last)
         self._freeze_stages()
 
     # -- construction helpers -------------------------------------------------------------
