@@ -13,9 +13,9 @@ from .version import __version__
 # Before anything imports mmdet or mmseg, whose own checks fail less clearly.
 check_versions()
 
-from .checkpoint import register_safe_globals  # noqa: E402
+from .checkpoint import install_safe_loading  # noqa: E402
 from .models import PVT, PVTv2, convert_pvt_state_dict  # noqa: E402
 
-register_safe_globals()
+install_safe_loading()
 
 __all__ = ['__version__', 'PVT', 'PVTv2', 'convert_pvt_state_dict']

@@ -9,7 +9,6 @@ mmengine's loader works under torch >= 2.6 without turning ``weights_only`` off.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import pickle
 import urllib.parse
@@ -20,9 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 from mmengine.logging import HistoryBuffer, MMLogger, print_log
+from mmengine.runner.checkpoint import CheckpointLoader
 from torch import nn
-
-from .models.layers import resize_pos_embed
 
 
 class CheckpointError(RuntimeError):
@@ -58,10 +56,20 @@ MMENGINE_SAFE_GLOBALS: list[Any] = [
     HistoryBuffer, (history_buffer_getattr, 'builtins.getattr'), *_numpy_allowed_globals()]
 
 
-def register_safe_globals() -> None:
-    """Adds mmengine's checkpoint classes to torch's ``weights_only`` allow-list."""
-    if hasattr(torch.serialization, 'add_safe_globals'):
-        torch.serialization.add_safe_globals(MMENGINE_SAFE_GLOBALS)
+def install_safe_loading() -> None:
+    """Makes every mmengine checkpoint load safe and its failures clear.
+
+    Adds mmengine's checkpoint classes to torch's ``weights_only`` allow-list, and routes
+    mmengine's loader for local files (used by ``load_from``, ``--resume`` and testing) through
+    :func:`load_checkpoint_file`, which passes ``weights_only=True`` explicitly and names the
+    file when it is missing, truncated or unsafe.
+    """
+    torch.serialization.add_safe_globals(MMENGINE_SAFE_GLOBALS)
+    CheckpointLoader.register_scheme(prefixes='', force=True)(_mmengine_local_loader)
+
+
+def _mmengine_local_loader(filename: str, map_location: Any = None) -> dict[str, Any]:
+    return load_checkpoint_file(os.path.expanduser(filename), map_location)
 
 
 def _is_url(filename: str) -> bool:
@@ -84,6 +92,19 @@ def download(url: str, model_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
+_UNREADABLE = 'is not a readable checkpoint (truncated or corrupt?)'
+# What torch's weights-only unpickler says when a file asks for code, not data.
+_UNSAFE_MARKERS = ('Unsupported global', 'unrecognized function', 'is blocked', 'refused getattr')
+
+
+def _unpickler_detail(exc: Exception) -> str:
+    """The weights-only unpickler's own reason, without torch's generic advice around it."""
+    text = str(exc)
+    if 'WeightsUnpickler error:' in text:
+        text = text.split('WeightsUnpickler error:', 1)[1]
+    return ' '.join(text.split()).split(' Check the documentation')[0].split(' Please use')[0]
+
+
 def load_checkpoint_file(filename: str | os.PathLike, map_location: Any = 'cpu') -> dict[str, Any]:
     """Reads a checkpoint (a path or an http(s)/file URL) with ``weights_only=True``.
 
@@ -99,31 +120,23 @@ def load_checkpoint_file(filename: str | os.PathLike, map_location: Any = 'cpu')
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if 'weights_only' in str(exc) or 'Unsupported global' in str(exc):
-            raise CheckpointError(
-                f'{path} holds objects that are not plain weights; it was refused because loading '
-                f'it could run code. Detail: {str(exc).splitlines()[0]}') from exc
-        raise CheckpointError(f'{path} is not a readable checkpoint (truncated or corrupt?): {exc}') from exc
+        detail = _unpickler_detail(exc)
+        if any(marker in detail for marker in _UNSAFE_MARKERS):
+            raise CheckpointError(f'{path} holds objects that are not plain weights; it was refused '
+                                  f'because loading it could run code ({detail})') from exc
+        raise CheckpointError(f'{path} {_UNREADABLE}: {detail}') from exc
     except (RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
-        raise CheckpointError(f'{path} is not a readable checkpoint (truncated or corrupt?): {exc}') from exc
+        raise CheckpointError(f'{path} {_UNREADABLE}: {exc}') from exc
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'{path} holds a {type(checkpoint).__name__}, not a state dict')
     return dict(checkpoint)
 
 
-def _resize_pos_embeds(model: nn.Module, state: dict[str, torch.Tensor],
-                       logger: logging.Logger | MMLogger | str) -> None:
-    """Resizes square position embeddings learned at another image size to the model's grid."""
-    for key, value in state.items():
-        if not key.endswith('pos_embed'):
-            continue
-        owner = model.get_submodule(key.rpartition('.')[0]) if '.' in key else model
-        grid = getattr(owner, 'pos_grid', None)
-        side = math.isqrt(value.shape[1])
-        if grid is None or value.shape[1] == grid[0] * grid[1] or side * side != value.shape[1]:
-            continue
-        state[key] = resize_pos_embed(value, (side, side), grid)
-        print_log(f'resized {key} from a {side}x{side} to a {grid[0]}x{grid[1]} grid', logger)
+def shape_mismatch(key: str, loaded: torch.Tensor, own: torch.Tensor) -> CheckpointError:
+    """The error for a tensor whose shape differs between a checkpoint and the model."""
+    return CheckpointError(
+        f'the checkpoint does not fit the model: {key} has shape {tuple(loaded.shape)} in the '
+        f'checkpoint and {tuple(own.shape)} in the model (a checkpoint of another variant?)')
 
 
 def load_backbone_checkpoint(model: nn.Module, filename: str | os.PathLike,
@@ -140,14 +153,18 @@ def load_backbone_checkpoint(model: nn.Module, filename: str | os.PathLike,
     """
     logger = logger or MMLogger.get_current_instance()
     state = convert(load_checkpoint_file(filename, map_location))
-    _resize_pos_embeds(model, state, logger)
     own = model.state_dict()
-    for key, value in state.items():
-        if key in own and own[key].shape != value.shape:
-            raise CheckpointError(
-                f'{filename} does not fit {type(model).__name__}: {key} has shape '
-                f'{tuple(value.shape)} in the checkpoint and {tuple(own[key].shape)} in the model '
-                '(a checkpoint of another variant?)')
+    # Shapes first: a differing shape is the clearest sign of another variant. Models that
+    # adapt tensors on load (mmpvt's resize position embeddings) check them themselves.
+    try:
+        if hasattr(model, 'adapt_loaded_state_dict'):
+            model.adapt_loaded_state_dict(state)
+        else:
+            for key, value in state.items():
+                if key in own and own[key].shape != value.shape:
+                    raise shape_mismatch(key, value, own[key])
+    except CheckpointError as exc:
+        raise CheckpointError(f'{filename}: {exc}') from exc
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     name = type(model).__name__

@@ -222,3 +222,14 @@ def test_bad_input_shapes_name_the_expected_shape(shape):
     model = PVTv2(arch=TINY_V2)
     with pytest.raises(ValueError, match=r'expects input of shape \(B, 3, H, W\) with H, W >= 32; got'):
         model(torch.randn(shape))
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf')])
+def test_non_finite_training_batch_raises_unless_disabled(value):
+    x = torch.randn(1, 3, 64, 64)
+    x[0, 1, 5, 7] = value
+    with pytest.raises(FloatingPointError, match='NaN or inf in its input batch during training'):
+        PVTv2(arch=TINY_V2).train()(x)
+    PVTv2(arch=TINY_V2, check_finite=False).train()(x)  # documented opt-out
+    with torch.no_grad():
+        PVTv2(arch=TINY_V2).eval()(x)  # inference reports nothing: outputs carry the NaN

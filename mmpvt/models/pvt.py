@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from mmengine.logging import MMLogger, print_log
 from mmengine.model import BaseModule
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..checkpoint import load_backbone_checkpoint, shape_mismatch
 from ..registry import register_model
 from .layers import HW, DropPath, PatchEmbed, nchw_to_nlc, nlc_to_nchw, resize_pos_embed
 
@@ -211,6 +213,8 @@ class PyramidVisionTransformerBase(BaseModule):
             get no gradients and stay in eval mode; -1 or 0 freezes nothing.
         norm_eval: keep every normalisation layer in eval mode during training.
         with_cp: activation checkpointing per block (non-reentrant): less memory, more time.
+        check_finite: in training, raise FloatingPointError on a batch holding NaN or inf
+            instead of training on it (one reduction over the input per step).
         pretrain_img_size: image size the position embeddings were learned at (PVT v1).
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` loads any PVT layout
             (the authors' release, timm, mmdet, mmpvt; whole detector checkpoints too).
@@ -233,7 +237,7 @@ class PyramidVisionTransformerBase(BaseModule):
                  out_indices: Sequence[int] = (0, 1, 2, 3), qkv_bias: bool = True,
                  drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.1,
                  frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
-                 pretrain_img_size: int | Sequence[int] = 224,
+                 check_finite: bool = True, pretrain_img_size: int | Sequence[int] = 224,
                  init_cfg: Mapping[str, Any] | None = None) -> None:
         super().__init__(init_cfg=init_cfg)
         self.arch_settings = self._resolve_arch(arch)
@@ -246,6 +250,7 @@ class PyramidVisionTransformerBase(BaseModule):
             raise ValueError(f'frozen_stages must be -1 or in [0, {num_stages}], got {frozen_stages}')
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
+        self.check_finite = check_finite
         if isinstance(pretrain_img_size, int):
             pretrain_img_size = (pretrain_img_size, pretrain_img_size)
         self.pretrain_img_size = tuple(pretrain_img_size)
@@ -280,6 +285,9 @@ class PyramidVisionTransformerBase(BaseModule):
         # convolution; channels-last weights keep the whole network in one layout.
         self.to(memory_format=torch.channels_last)
         self._freeze_stages()
+        # Every load path (init_cfg, load_from, --resume, user code) goes through this check.
+        self.register_load_state_dict_pre_hook(
+            lambda module, state_dict, prefix, *_: module.adapt_loaded_state_dict(state_dict, prefix))
 
     # -- construction helpers -------------------------------------------------------------
     def _resolve_arch(self, arch: str | Mapping[str, Any]) -> dict[str, Any]:
@@ -336,20 +344,47 @@ class PyramidVisionTransformerBase(BaseModule):
         """Loads ``init_cfg``'s checkpoint in any known layout; other init_cfgs as mmengine."""
         init_cfg = self.init_cfg
         if isinstance(init_cfg, Mapping) and init_cfg.get('type') == 'Pretrained':
-            from ..checkpoint import load_backbone_checkpoint
             load_backbone_checkpoint(self, init_cfg['checkpoint'], convert_pvt_state_dict,
                                      map_location=init_cfg.get('map_location', 'cpu'))
             self._is_init = True
         else:
             super().init_weights()
 
+    def adapt_loaded_state_dict(self, state_dict: dict[str, Any], prefix: str = '') -> None:
+        """Fits a state dict about to be loaded to this model, in place, or refuses it.
+
+        Position embeddings learned on a square grid of another size are resized to the
+        model's grid; any other tensor whose shape differs raises CheckpointError naming the
+        key and both shapes (torch and mmengine would only warn, or fail less clearly).
+        """
+        for name, own in self.state_dict().items():
+            key = prefix + name
+            loaded = state_dict.get(key)
+            if loaded is None or loaded.shape == own.shape:
+                continue
+            owner = self.get_submodule(name.rpartition('.')[0])
+            grid = getattr(owner, 'pos_grid', None) if name.endswith('pos_embed') else None
+            side = math.isqrt(loaded.shape[1]) if loaded.dim() == 3 else 0
+            if grid is None or side * side != loaded.shape[1] or loaded.shape[2] != own.shape[2]:
+                raise shape_mismatch(key, loaded, own)
+            state_dict[key] = resize_pos_embed(loaded, (side, side), grid)
+            print_log(f'{key}: resized the position embedding from a {side}x{side} to a '
+                      f'{grid[0]}x{grid[1]} grid', MMLogger.get_current_instance())
+
     # -- forward ----------------------------------------------------------------------------
     def check_input(self, x: torch.Tensor) -> None:
-        """Raises ValueError unless ``x`` is a ``(B, in_channels, H, W)`` batch, H, W >= 32."""
+        """Raises ValueError unless ``x`` is a ``(B, in_channels, H, W)`` batch, H, W >= 32,
+        and, in training with ``check_finite``, FloatingPointError if it holds NaN or inf."""
         if x.dim() != 4 or x.shape[1] != self.in_channels or min(x.shape[-2:]) < self.min_input_size:
             raise ValueError(
                 f'{type(self).__name__} expects input of shape (B, {self.in_channels}, H, W) with '
                 f'H, W >= {self.min_input_size}; got {tuple(x.shape)}')
+        if self.training and self.check_finite and not torch.compiler.is_compiling():
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(
+                    f'{type(self).__name__} got NaN or inf in its input batch during training; check the '
+                    'data pipeline (a corrupt image, a division by a zero std). '
+                    'check_finite=False turns this check off.')
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Returns the maps of ``out_indices``: ``(B, out_channels[k], H / s_k, W / s_k)``.
