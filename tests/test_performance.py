@@ -1,0 +1,88 @@
+"""Correctness of the performance features; speed itself lives in the benchmark harness.
+
+No test here times anything: timings on a shared machine are noise. The harness
+(tools/analysis/benchmark_backbone.py) measures ratios in one run; docs/benchmarks.md
+holds its results.
+"""
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmpvt import PVT, PVTv2
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
+TINY = dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 1, 1), num_heads=(1, 2, 3, 4),
+            mlp_ratios=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1))
+
+
+@pytest.mark.parametrize('cls,arch', [(PVTv2, TINY), (PVTv2, dict(TINY, linear=True)), (PVT, TINY)],
+                         ids=['v2', 'v2-linear', 'v1'])
+def test_dynamo_captures_one_graph_without_breaks(cls, arch):
+    model = cls(arch=arch).eval()
+    # an awkward size: v1 resizes its position embeddings inside the graph
+    explanation = torch._dynamo.explain(model)(torch.randn(1, 3, 96, 136))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_compiled_backbone_matches_eager():
+    model = PVTv2(arch=TINY).eval()
+    x = torch.randn(1, 3, 96, 128)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        for out, ref in zip(compiled(x), model(x)):
+            torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
+
+
+def test_maps_stay_channels_last_without_layout_copies():
+    """Every stage's map is a channels-last view: no NCHW copy between stages."""
+    model = PVTv2(arch=TINY).eval()
+    with torch.no_grad():
+        outs = model(torch.randn(2, 3, 64, 96))
+    assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outs)
+    dwconv = model.stages[0].blocks[0].mlp.dwconv
+    assert dwconv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_with_cp_trains_like_without_under_autocast():
+    torch.manual_seed(0)
+    plain = PVTv2(arch=TINY, drop_path_rate=0.).train()
+    checkpointed = PVTv2(arch=TINY, drop_path_rate=0., with_cp=True).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for model in (plain, checkpointed):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            loss = sum(o.float().mean() for o in model(x))
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('cls,arch', [(PVTv2, 'b2'), (PVT, 'small')])
+def test_autocast_at_detection_size_is_finite_and_close(cls, arch, dtype):
+    """fp16 and bf16 autocast at 1x3x800x1333: finite, and within a few percent of fp32
+    relative to each map's scale (bf16 keeps 8 mantissa bits, fp16 11)."""
+    model = cls(arch=arch).eval()
+    x = torch.randn(1, 3, 800, 1333)
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast('cpu', dtype=dtype):
+            low = model(x)
+    for r, o in zip(reference, low):
+        assert torch.isfinite(o).all()
+        tolerance = 0.05 if dtype == torch.bfloat16 else 0.01
+        assert float((o.float() - r).abs().max() / r.abs().max()) < tolerance
+
+
+def test_benchmark_harness_smoke(python):
+    out = subprocess.run(
+        [python, 'tools/analysis/benchmark_backbone.py', '--arch', 'b0', '--shape', '1', '3', '64', '64',
+         '--mode', 'train', '--repeat', '1', '--memory'],
+        cwd=ROOT_DIR, capture_output=True, text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith('| ') and 'implementation' not in line]
+    assert [row.split('|')[1].strip() for row in rows] == ['mmpvt', 'mmdet', 'timm']
+    assert all(float(row.split('|')[4]) > 0 for row in rows)  # time / mmpvt

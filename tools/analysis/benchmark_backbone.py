@@ -1,0 +1,280 @@
+"""Compares mmpvt's PVT backbones with mmdet's built-in ones and timm's, in one run.
+
+    python tools/analysis/benchmark_backbone.py --arch b2 --shape 1 3 800 1344 --dtype bf16
+    python tools/analysis/benchmark_backbone.py --arch b2 --shape 2 3 512 512 --mode train --memory
+    python tools/analysis/benchmark_backbone.py --arch b2 --shape 1 3 800 1333 --detector
+
+The implementations run interleaved (A B C A B C ...) after warm-up, so that drift of a
+shared machine hits all of them alike; the table reports each one's median and spread,
+its time relative to mmpvt, its achieved GFLOP/s next to the machine's GEMM throughput
+for the same dtype (measured in the same run), and, with ``--memory``, the peak memory of
+one step measured in a fresh process per implementation. Weights are random: speed does
+not depend on them. ``--detector`` times a whole RetinaNet (mmdet's PVTv2-b2 config) with
+mmpvt's backbone against the same detector with mmdet's built-in one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmpvt.models.pvt import PVT_ARCHS, PVTV2_ARCHS
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+V1_NAMES = {'tiny': 't', 'small': 's', 'medium': 'm', 'large': 'l'}
+
+
+# -- the implementations -----------------------------------------------------------------------
+def build_mmpvt(arch: str, with_cp: bool) -> torch.nn.Module:
+    from mmpvt import PVT, PVTv2
+    cls = PVT if arch in PVT_ARCHS else PVTv2
+    return cls(arch=arch, drop_path_rate=0., with_cp=with_cp)
+
+
+def build_mmdet(arch: str, with_cp: bool) -> torch.nn.Module | None:
+    from mmdet.models.backbones.pvt import PyramidVisionTransformer, PyramidVisionTransformerV2
+    settings = {**PVT_ARCHS, **PVTV2_ARCHS}[arch]
+    if settings.get('linear') or with_cp:
+        return None  # mmdet has neither linear attention nor activation checkpointing
+    cls = PyramidVisionTransformer if arch in PVT_ARCHS else PyramidVisionTransformerV2
+    model = cls(embed_dims=settings['embed_dims'][0], num_layers=list(settings['depths']),
+                mlp_ratios=list(settings['mlp_ratios']), drop_path_rate=0.)
+    model.init_weights()
+    return model
+
+
+def build_timm(arch: str, with_cp: bool) -> torch.nn.Module | None:
+    if arch in PVT_ARCHS:
+        return None  # timm has no PVT v1
+    import timm
+    model = timm.create_model(f'pvt_v2_{arch}', features_only=True)
+    if with_cp:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+BUILDERS: dict[str, Callable[[str, bool], torch.nn.Module | None]] = {
+    'mmpvt': build_mmpvt, 'mmdet': build_mmdet, 'timm': build_timm}
+
+
+def build_retinanet(backbone: str) -> torch.nn.Module:
+    """mmdet's RetinaNet-PVTv2-b2 config, with mmdet's or mmpvt's backbone."""
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmdet')
+    cfg = Config.fromstring("_base_ = 'mmdet::pvt/retinanet_pvtv2-b2_fpn_1x_coco.py'", '.py')
+    cfg.model.backbone.init_cfg = None
+    if backbone == 'mmpvt':
+        import mmpvt  # noqa: F401  (registers PVTv2)
+        cfg.model.backbone = dict(type='PVTv2', arch='b2', drop_path_rate=0.)
+    return MODELS.build(cfg.model)
+
+
+# -- measuring ------------------------------------------------------------------------------------
+def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, dtype: torch.dtype, device: str,
+              detector: bool = False) -> Callable[[], None]:
+    """One inference forward, or forward + backward of a scalar from all outputs."""
+    if detector:
+        from mmdet.structures import DetDataSample
+        samples = [DetDataSample(metainfo=dict(img_shape=x.shape[-2:], ori_shape=x.shape[-2:],
+                                               scale_factor=(1., 1.), pad_shape=x.shape[-2:]))
+                   for _ in range(x.shape[0])]
+
+    def step() -> None:
+        ctx = torch.autocast(device, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        if mode == 'infer':
+            with torch.no_grad(), ctx:
+                model(x, samples, mode='predict') if detector else model(x)
+        else:
+            with ctx:
+                outs = model(x)
+                loss = sum(o.float().mean() for o in outs)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        if device == 'cuda':
+            torch.cuda.synchronize()
+    return step
+
+
+def count_flops(model: torch.nn.Module, x: torch.Tensor, mode: str, detector: bool) -> int:
+    """FLOPs of one step (forward; forward and backward in train mode)."""
+    step = make_step(model, x, mode, torch.float32, x.device.type, detector)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def gemm_gflops(dtype: torch.dtype, device: str, size: int = 2048, repeat: int = 5) -> float:
+    """The machine's dense matmul throughput for ``dtype``: the ceiling for this model."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    times = []
+    for _ in range(repeat + 1):
+        start = time.perf_counter()
+        a @ b
+        if device == 'cuda':
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / statistics.median(times[1:]) / 1e9
+
+
+def peak_memory_mb(args: argparse.Namespace, impl: str, dtype: str) -> float:
+    """Peak memory growth of one step, measured in a fresh process.
+
+    CPU: resident memory sampled every half millisecond during the step, over its level
+    just before; glibc is told to map every large block separately
+    (MALLOC_MMAP_THRESHOLD_) so that freed activations leave the resident set at once.
+    CUDA: the allocator's peak over its level before the step.
+    """
+    command = [sys.executable, __file__, '--memory-probe', impl, '--arch', args.arch,
+               '--shape', *map(str, args.shape), '--dtype', dtype, '--mode', args.mode,
+               '--device', args.device] + (['--with-cp'] if args.with_cp else []) + \
+              (['--detector'] if args.detector else [])
+    env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': str(128 * 1024)}
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])['peak_mb']
+
+
+def memory_probe(args: argparse.Namespace) -> None:
+    impl = args.memory_probe
+    model = (build_retinanet(impl) if args.detector else BUILDERS[impl](args.arch, args.with_cp))
+    model = model.to(args.device).train(args.mode == 'train')
+    x = torch.randn(args.shape, device=args.device)
+    step = make_step(model, x, args.mode, DTYPES[args.dtype[0]], args.device, args.detector)
+    step()  # warm-up: one-time allocations (optimiser-free, so only caches) happen here
+    if args.device == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        page = os.sysconf('SC_PAGE_SIZE')
+
+        def rss() -> int:
+            with open('/proc/self/statm') as f:
+                return int(f.read().split()[1]) * page
+
+        base, samples, done = rss(), [], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                samples.append(rss())
+                time.sleep(0.0005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        step()
+        done.set()
+        sampler.join()
+        peak = max(samples + [rss()]) - base
+    print(json.dumps({'peak_mb': peak / 2 ** 20}))
+
+
+def run(args: argparse.Namespace) -> str:
+    torch.manual_seed(0)
+    names = [n for n in (['mmpvt', 'mmdet'] if args.detector else list(BUILDERS)) if n in args.impls]
+    # One row per implementation, dtype (and eager/compiled), all timed interleaved.
+    rows: dict[str, tuple[Callable[[], None], str, str]] = {}
+    x = torch.randn(args.shape, device=args.device)
+    for name in names:
+        model = build_retinanet(name) if args.detector else BUILDERS[name](args.arch, args.with_cp)
+        if model is None:
+            continue
+        model = model.to(args.device).train(args.mode == 'train')
+        variants = [('', model)] + ([(' compiled', torch.compile(model))] if args.compile else [])
+        for suffix, variant in variants:
+            for dtype in args.dtype:
+                label = f'{name}{suffix}' + (f' {dtype}' if len(args.dtype) > 1 else '')
+                rows[label] = (make_step(variant, x, args.mode, DTYPES[dtype], args.device, args.detector),
+                               name if not suffix else '', dtype)
+    for _ in range(args.warmup):
+        for step, _, _ in rows.values():
+            step()
+    times: dict[str, list[float]] = {label: [] for label in rows}
+    for _ in range(args.repeat):
+        for label, (step, _, _) in rows.items():  # interleaved: A B C A B C ...
+            start = time.perf_counter()
+            step()
+            times[label].append(time.perf_counter() - start)
+    # FLOPs are counted on an eager model: the compiled graph hides its operations.
+    eager = build_retinanet('mmpvt') if args.detector else build_mmpvt(args.arch, False)
+    flops = count_flops(eager.to(args.device).train(args.mode == 'train'), x, args.mode, args.detector)
+    ceilings = {dtype: gemm_gflops(DTYPES[dtype], args.device) for dtype in args.dtype}
+    memory = {label: peak_memory_mb(args, impl, dtype) for label, (_, impl, dtype) in rows.items()
+              if impl and args.memory}
+
+    base = statistics.median(next(iter(times.values())))
+    what = 'RetinaNet-PVTv2-b2' if args.detector else args.arch
+    lines = [
+        f'{what}, input {"x".join(map(str, args.shape))}, {args.mode}, {args.device}'
+        f'{", with_cp" if args.with_cp else ""}; {args.repeat} interleaved runs after {args.warmup} '
+        f'warm-up; {flops / 1e9:.1f} GFLOP per step; GEMM ceiling '
+        + ', '.join(f'{d} {c:.0f} GFLOP/s' for d, c in ceilings.items()),
+        '',
+        f'| implementation | median (s) | min - max (s) | time / {next(iter(times))} | GFLOP/s '
+        '| % of GEMM ceiling |' + (' peak memory (MB) |' if memory else ''),
+        '|---|---|---|---|---|---|' + ('---|' if memory else ''),
+    ]
+    for label, ts in times.items():
+        median = statistics.median(ts)
+        achieved = flops / median / 1e9
+        row = (f'| {label} | {median:.3f} | {min(ts):.3f} - {max(ts):.3f} | {median / base:.2f} | '
+               f'{achieved:.0f} | {100 * achieved / ceilings[rows[label][2]]:.0f}% |')
+        if memory:
+            row += f' {memory[label]:.0f} |' if label in memory else ' - |'
+        lines.append(row)
+    return '\n'.join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--arch', default='b2', choices=[*PVT_ARCHS, *PVTV2_ARCHS])
+    parser.add_argument('--shape', type=int, nargs=4, default=[1, 3, 800, 1344], metavar=('B', 'C', 'H', 'W'))
+    parser.add_argument('--dtype', choices=list(DTYPES), nargs='+', default=['fp32'],
+                        help='autocast dtypes; several are timed side by side (ratios to the first)')
+    parser.add_argument('--impls', nargs='+', choices=list(BUILDERS), default=list(BUILDERS),
+                        help='implementations to compare (mmpvt first)')
+    parser.add_argument('--mode', choices=['infer', 'train'], default='infer')
+    parser.add_argument('--device', choices=['cpu', 'cuda'],
+                        default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--compile', action='store_true',
+                        help='also time every implementation under torch.compile')
+    parser.add_argument('--with-cp', action='store_true', help='activation checkpointing (mmpvt, timm)')
+    parser.add_argument('--detector', action='store_true', help='whole RetinaNet-PVTv2-b2 instead')
+    parser.add_argument('--memory', action='store_true', help='also measure peak memory per implementation')
+    parser.add_argument('--repeat', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
+    parser.add_argument('--memory-probe', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.detector:
+        args.arch = 'b2'
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        memory_probe(args)
+        return
+    print(f'machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, '
+          f'torch {torch.__version__}')
+    print(run(args))
+
+
+if __name__ == '__main__':
+    main()
