@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -130,7 +131,7 @@ def gemm_gflops(dtype: torch.dtype, device: str, size: int = 2048, repeat: int =
     return 2 * size ** 3 / statistics.median(times[1:]) / 1e9
 
 
-def peak_memory_mb(args: argparse.Namespace, impl: str, dtype: str) -> float:
+def peak_memory_mb(args: argparse.Namespace, impl: str, dtype: str, shape: tuple[int, ...]) -> float:
     """Peak memory growth of one step, measured in a fresh process.
 
     CPU: resident memory sampled every half millisecond during the step, over its level
@@ -139,7 +140,7 @@ def peak_memory_mb(args: argparse.Namespace, impl: str, dtype: str) -> float:
     CUDA: the allocator's peak over its level before the step.
     """
     command = [sys.executable, __file__, '--memory-probe', impl, '--arch', args.arch,
-               '--shape', *map(str, args.shape), '--dtype', dtype, '--mode', args.mode,
+               '--shape', *map(str, shape), '--dtype', dtype, '--mode', args.mode,
                '--device', args.device] + (['--with-cp'] if args.with_cp else []) + \
               (['--detector'] if args.detector else [])
     env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': str(128 * 1024)}
@@ -151,7 +152,7 @@ def memory_probe(args: argparse.Namespace) -> None:
     impl = args.memory_probe
     model = (build_retinanet(impl) if args.detector else BUILDERS[impl](args.arch, args.with_cp))
     model = model.to(args.device).train(args.mode == 'train')
-    x = torch.randn(args.shape, device=args.device)
+    x = torch.randn(args.shape[0], device=args.device)
     step = make_step(model, x, args.mode, DTYPES[args.dtype[0]], args.device, args.detector)
     step()  # warm-up: one-time allocations (optimiser-free, so only caches) happen here
     if args.device == 'cuda':
@@ -185,9 +186,10 @@ def memory_probe(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> str:
     torch.manual_seed(0)
     names = [n for n in (['mmpvt', 'mmdet'] if args.detector else list(BUILDERS)) if n in args.impls]
-    # One row per implementation, dtype (and eager/compiled), all timed interleaved.
-    rows: dict[str, tuple[Callable[[], None], str, str]] = {}
-    x = torch.randn(args.shape, device=args.device)
+    shapes = [tuple(shape) for shape in args.shape]
+    inputs = {shape: torch.randn(shape, device=args.device) for shape in shapes}
+    # One row per implementation x eager/compiled x dtype x shape, all timed interleaved.
+    rows: dict[str, dict[str, Any]] = {}
     for name in names:
         model = build_retinanet(name) if args.detector else BUILDERS[name](args.arch, args.with_cp)
         if model is None:
@@ -196,52 +198,61 @@ def run(args: argparse.Namespace) -> str:
         variants = [('', model)] + ([(' compiled', torch.compile(model))] if args.compile else [])
         for suffix, variant in variants:
             for dtype in args.dtype:
-                label = f'{name}{suffix}' + (f' {dtype}' if len(args.dtype) > 1 else '')
-                rows[label] = (make_step(variant, x, args.mode, DTYPES[dtype], args.device, args.detector),
-                               name if not suffix else '', dtype)
+                for shape in shapes:
+                    label = (f'{name}{suffix}' + (f' {dtype}' if len(args.dtype) > 1 else '')
+                             + (f' {"x".join(map(str, shape))}' if len(shapes) > 1 else ''))
+                    rows[label] = dict(
+                        step=make_step(variant, inputs[shape], args.mode, DTYPES[dtype], args.device,
+                                       args.detector),
+                        impl=name, eager=not suffix, dtype=dtype, shape=shape, times=[])
     for _ in range(args.warmup):
-        for step, _, _ in rows.values():
-            step()
-    times: dict[str, list[float]] = {label: [] for label in rows}
+        for row in rows.values():
+            row['step']()
     for _ in range(args.repeat):
-        for label, (step, _, _) in rows.items():  # interleaved: A B C A B C ...
+        for row in rows.values():  # interleaved: A B C A B C ...
             start = time.perf_counter()
-            step()
-            times[label].append(time.perf_counter() - start)
+            row['step']()
+            row['times'].append(time.perf_counter() - start)
     # FLOPs are counted on an eager model: the compiled graph hides its operations.
     eager = build_retinanet('mmpvt') if args.detector else build_mmpvt(args.arch, False)
-    flops = count_flops(eager.to(args.device).train(args.mode == 'train'), x, args.mode, args.detector)
+    eager = eager.to(args.device).train(args.mode == 'train')
+    flops = {shape: count_flops(eager, inputs[shape], args.mode, args.detector) for shape in shapes}
     ceilings = {dtype: gemm_gflops(DTYPES[dtype], args.device) for dtype in args.dtype}
-    memory = {label: peak_memory_mb(args, impl, dtype) for label, (_, impl, dtype) in rows.items()
-              if impl and args.memory}
+    if args.memory:
+        for row in rows.values():
+            if row['eager']:
+                row['memory'] = peak_memory_mb(args, row['impl'], row['dtype'], row['shape'])
 
-    base = statistics.median(next(iter(times.values())))
+    first = next(iter(rows))
+    base = statistics.median(rows[first]['times'])
     what = 'RetinaNet-PVTv2-b2' if args.detector else args.arch
     lines = [
-        f'{what}, input {"x".join(map(str, args.shape))}, {args.mode}, {args.device}'
+        f'{what}, input {", ".join("x".join(map(str, s)) for s in shapes)}, {args.mode}, {args.device}'
         f'{", with_cp" if args.with_cp else ""}; {args.repeat} interleaved runs after {args.warmup} '
-        f'warm-up; {flops / 1e9:.1f} GFLOP per step; GEMM ceiling '
-        + ', '.join(f'{d} {c:.0f} GFLOP/s' for d, c in ceilings.items()),
+        'warm-up; GFLOP per step ' + ', '.join(f'{f / 1e9:.1f}' for f in flops.values())
+        + '; GEMM ceiling ' + ', '.join(f'{d} {c:.0f} GFLOP/s' for d, c in ceilings.items()),
         '',
-        f'| implementation | median (s) | min - max (s) | time / {next(iter(times))} | GFLOP/s '
-        '| % of GEMM ceiling |' + (' peak memory (MB) |' if memory else ''),
-        '|---|---|---|---|---|---|' + ('---|' if memory else ''),
+        f'| implementation | median (s) | min - max (s) | time / {first} | GFLOP/s | % of GEMM ceiling |'
+        + (' peak memory (MB) |' if args.memory else ''),
+        '|---|---|---|---|---|---|' + ('---|' if args.memory else ''),
     ]
-    for label, ts in times.items():
+    for label, row in rows.items():
+        ts = row['times']
         median = statistics.median(ts)
-        achieved = flops / median / 1e9
-        row = (f'| {label} | {median:.3f} | {min(ts):.3f} - {max(ts):.3f} | {median / base:.2f} | '
-               f'{achieved:.0f} | {100 * achieved / ceilings[rows[label][2]]:.0f}% |')
-        if memory:
-            row += f' {memory[label]:.0f} |' if label in memory else ' - |'
-        lines.append(row)
+        achieved = flops[row['shape']] / median / 1e9
+        line = (f'| {label} | {median:.3f} | {min(ts):.3f} - {max(ts):.3f} | {median / base:.2f} | '
+                f'{achieved:.0f} | {100 * achieved / ceilings[row["dtype"]]:.0f}% |')
+        if args.memory:
+            line += f' {row["memory"]:.0f} |' if 'memory' in row else ' - |'
+        lines.append(line)
     return '\n'.join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--arch', default='b2', choices=[*PVT_ARCHS, *PVTV2_ARCHS])
-    parser.add_argument('--shape', type=int, nargs=4, default=[1, 3, 800, 1344], metavar=('B', 'C', 'H', 'W'))
+    parser.add_argument('--shape', type=int, nargs=4, action='append', metavar=('B', 'C', 'H', 'W'),
+                        help='input shape (default 1 3 800 1344); repeat to time several side by side')
     parser.add_argument('--dtype', choices=list(DTYPES), nargs='+', default=['fp32'],
                         help='autocast dtypes; several are timed side by side (ratios to the first)')
     parser.add_argument('--impls', nargs='+', choices=list(BUILDERS), default=list(BUILDERS),
@@ -259,6 +270,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
     parser.add_argument('--memory-probe', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.shape = args.shape or [[1, 3, 800, 1344]]
     if args.detector:
         args.arch = 'b2'
     return args
