@@ -39,8 +39,8 @@ if ! "$PY" -c "import mmcv, sys; from mmcv.ops import nms, RoIAlign; sys.exit(mm
   if ! ls "$WHEELS"/mmcv-*.whl >/dev/null 2>&1; then
     step "$CURRENT: compiling from the PyPI source distribution into $WHEELS (about 10 minutes on 2 cores; later setups reuse the wheel)"
     BUILD=$(mktemp -d)
-    # mmcv 2.1.0's setup.py imports pkg_resources, which setuptools >= 70 no longer ships;
-    # torch itself wants a recent setuptools, so the old one is put back after the build.
+    # mmcv 2.1.0's setup.py needs setuptools < 70 to build; torch wants >= 77.0.3, so
+    # requirements.txt puts a newer one back afterwards.
     "${PIP[@]}" install -q 'setuptools>=60,<70' wheel ninja
     "${PIP[@]}" download -q --no-deps --no-binary :all: "mmcv==$MMCV_VERSION" -d "$BUILD"
     tar -xzf "$BUILD"/mmcv-"$MMCV_VERSION".tar.gz -C "$BUILD"
@@ -50,7 +50,6 @@ if ! "$PY" -c "import mmcv, sys; from mmcv.ops import nms, RoIAlign; sys.exit(mm
     (cd "$BUILD/mmcv-$MMCV_VERSION" && MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
       "${PIP[@]}" wheel --no-deps --no-build-isolation . -w "$WHEELS.partial")
     mv "$WHEELS.partial"/mmcv-*.whl "$WHEELS"/ && rm -rf "$WHEELS.partial" "$BUILD"
-    "${PIP[@]}" install -q 'setuptools>=77.0.3'
   fi
   step "$CURRENT: installing the cached wheel"
   "${PIP[@]}" install -q --no-deps "$WHEELS"/mmcv-*.whl
@@ -60,8 +59,9 @@ CURRENT="the OpenMMLab stack, timm and the test tools"
 if ! "$PY" -c "
 import importlib.metadata as m, sys
 want = {'mmengine': '0.10.7', 'mmdet': '3.3.0', 'mmsegmentation': '1.2.2'}
-sys.exit(any(m.version(k) != v for k, v in want.items()))
-import timm, ftfy, regex, pycocotools, pytest, matplotlib" 2>/dev/null; then
+sys.exit(any(m.version(k) != v for k, v in want.items())
+         or not 77 <= int(m.version('setuptools').split('.')[0]) < 81)
+import timm, ftfy, regex, pycocotools, pytest, matplotlib, pkg_resources" 2>/dev/null; then
   step "$CURRENT"
   "${PIP[@]}" install -q -r "$ROOT/requirements.txt"
 fi
