@@ -1,0 +1,582 @@
+"""The model zoo in configs/: every config loads, builds, counts its parameters as published,
+carries the published recipe, and trains and predicts one batch on fake COCO / ADE20K data.
+
+Nothing is downloaded: models are built without loading their ImageNet weights (building
+does not call ``init_weights``), and where weights are initialised ``init_cfg`` is None.
+The one-batch runs use PVTv2-b0 / PVT-Tiny backbones and images scaled down 8x.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import importlib.util
+import json
+import math
+import urllib.error
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from mmengine.config import Config, ConfigDict
+from mmengine.evaluator import Evaluator
+from mmengine.registry import init_default_scope
+from mmengine.runner import Runner
+
+import mmpvt  # noqa: F401  (registers PVT and PVTv2)
+
+CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
+RELEASE = 'https://github.com/whai362/PVT/releases/download/v2/'
+
+# tag: (type, arch, release file)
+BACKBONES = {
+    'pvt_t': ('PVT', 'tiny', 'pvt_tiny'),
+    'pvt_s': ('PVT', 'small', 'pvt_small'),
+    'pvt_m': ('PVT', 'medium', 'pvt_medium'),
+    'pvt_l': ('PVT', 'large', 'pvt_large'),
+    'pvt_v2_b0': ('PVTv2', 'b0', 'pvt_v2_b0'),
+    'pvt_v2_b1': ('PVTv2', 'b1', 'pvt_v2_b1'),
+    'pvt_v2_b2': ('PVTv2', 'b2', 'pvt_v2_b2'),
+    'pvt_v2_b2_li': ('PVTv2', 'b2_li', 'pvt_v2_b2_li'),
+    'pvt_v2_b3': ('PVTv2', 'b3', 'pvt_v2_b3'),
+    'pvt_v2_b4': ('PVTv2', 'b4', 'pvt_v2_b4'),
+    'pvt_v2_b5': ('PVTv2', 'b5', 'pvt_v2_b5'),
+}
+BIG = {'pvt_l', 'pvt_v2_b4', 'pvt_v2_b5'}  # lr / 1.4 with 1 image per GPU
+NO_DROP_PATH = {'pvt_m', 'pvt_l'}  # the release trains these detectors without stochastic depth
+
+# Whole-model parameters in millions (shared/reference/pvt_facts.md): RetinaNet 1x, Mask R-CNN
+# 1x, Semantic FPN.
+REFERENCE_PARAMS = {
+    'pvt_t': (22.96, 32.88, 16.98),
+    'pvt_s': (34.22, 44.14, 28.24),
+    'pvt_m': (53.94, 63.86, 47.96),
+    'pvt_l': (71.10, 81.02, 65.12),
+    'pvt_v2_b0': (12.95, 23.45, 7.55),
+    'pvt_v2_b1': (23.75, 33.66, 17.76),
+    'pvt_v2_b2': (35.10, 45.02, 29.12),
+    'pvt_v2_b2_li': (32.29, 42.21, 26.31),
+    'pvt_v2_b3': (54.98, 64.89, 48.99),
+    'pvt_v2_b4': (72.29, 82.21, 66.31),
+    'pvt_v2_b5': (91.69, 101.61, 85.71),
+}
+COUNTED = {
+    **{f'retinanet_{t}.py': p[0] for t, p in REFERENCE_PARAMS.items()},
+    **{f'mask_rcnn_{t}.py': p[1] for t, p in REFERENCE_PARAMS.items()},
+    **{f'fpn_{t}_ade20k.py': p[2] for t, p in REFERENCE_PARAMS.items()},
+}
+RECIPES_3X = {
+    'mask_rcnn': ('pvt_v2_b0', 'pvt_v2_b2', 'pvt_v2_b2_li'),
+    **{m: ('pvt_v2_b2', 'pvt_v2_b2_li') for m in ('cascade_mask_rcnn', 'atss', 'gfl', 'sparse_rcnn')},
+}
+EXPECTED = sorted([
+    *COUNTED,
+    *(f'{m}_{t}_3x.py' for m, tags in RECIPES_3X.items() for t in tags),
+    'detr_pvt_s.py', 'deformable_detr_pvt_v2_b2.py', 'upernet_pvt_v2_b2_ade20k.py',
+])
+
+
+# -- helpers ------------------------------------------------------------------------------------
+@pytest.fixture(scope='session', autouse=True)
+def _package_bases_without_pkg_resources():
+    """Lets mmengine resolve ``mmdet::`` / ``mmseg::`` bases when setuptools lacks pkg_resources.
+
+    mmengine 0.10.7 finds installed packages through ``pkg_resources``, which recent setuptools
+    (>= 81) no longer ships. The stand-ins answer the same questions from importlib.metadata,
+    as tools/train.py and tools/test.py do; nothing changes where pkg_resources exists.
+    """
+    if importlib.util.find_spec('pkg_resources') is not None:
+        yield
+        return
+    import mmengine.config.config as config_module
+
+    def is_installed(package: str) -> bool:
+        try:
+            importlib.metadata.distribution(package)
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            return importlib.util.find_spec(package) is not None
+
+    def get_installed_path(package: str) -> str:
+        dist = importlib.metadata.distribution(package)
+        module = (dist.read_text('top_level.txt') or package).split()[0]
+        return str(dist.locate_file(module))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config_module, 'is_installed', is_installed)
+        mp.setattr(config_module, 'get_installed_path', get_installed_path)
+        yield
+
+
+@pytest.fixture
+def fast_init(monkeypatch):
+    """Skips what dominates building and initialising models on a CPU and changes no shape:
+    truncated-normal draws, and mmengine's bookkeeping of which initialiser touched what."""
+    import mmengine.model.base_module
+    import mmengine.model.weight_init
+
+    monkeypatch.setattr(torch.nn.init, 'trunc_normal_', lambda tensor, *args, **kwargs: tensor)
+    for module in (mmengine.model.base_module, mmengine.model.weight_init):
+        monkeypatch.setattr(module, 'update_init_info', lambda *args, **kwargs: None)
+
+
+_LOADED: dict[str, Config] = {}
+
+
+def load(name: str) -> Config:
+    """A fresh copy of configs/<name> (each file is parsed once per session)."""
+    if name not in _LOADED:
+        _LOADED[name] = Config.fromfile(str(CONFIGS / name))
+    return copy.deepcopy(_LOADED[name])
+
+
+def registry(cfg: Config):
+    init_default_scope(cfg.default_scope)
+    if cfg.default_scope == 'mmseg':
+        from mmseg.registry import MODELS
+    else:
+        from mmdet.registry import MODELS
+    return MODELS
+
+
+def build_model(cfg: Config) -> torch.nn.Module:
+    return registry(cfg).build(cfg.model)
+
+
+def count_params(model: torch.nn.Module) -> float:
+    return round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+
+
+def tag_of(name: str) -> str:
+    """The backbone tag in a config name: retinanet_pvt_v2_b2_li.py -> pvt_v2_b2_li."""
+    stem = name.removesuffix('.py').removesuffix('_3x').removesuffix('_ade20k')
+    return max((t for t in BACKBONES if stem.endswith('_' + t)), key=len)
+
+
+def walk(node, visit):
+    """Calls ``visit`` on every dict inside nested dicts and lists."""
+    if isinstance(node, dict):
+        visit(node)
+        for value in node.values():
+            walk(value, visit)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            walk(value, visit)
+
+
+def set_data_root(cfg: Config, root: Path) -> None:
+    """Applies the --cfg-options that configs/README.md gives for a dataset elsewhere."""
+    root = f'{root}/'
+    options = {f'{split}_dataloader.dataset.data_root': root for split in ('train', 'val', 'test')}
+    if cfg.default_scope == 'mmdet':
+        options.update({f'{split}_evaluator.ann_file': root + 'annotations/instances_val2017.json'
+                        for split in ('val', 'test')})
+    cfg.merge_from_dict(options)
+
+
+def shrink(node, factor: int = 8) -> None:
+    """Divides every resize scale and crop size in a pipeline (or data preprocessor) by factor."""
+    def small(size):
+        return tuple(max(1, round(s / factor)) for s in size)
+
+    def visit(d):
+        for key in ('scale', 'crop_size', 'size'):
+            if isinstance(d.get(key), (tuple, list)) and all(isinstance(s, int) for s in d[key]):
+                d[key] = small(d[key])
+        if isinstance(d.get('scales'), list):
+            d['scales'] = [small(s) for s in d['scales']]
+
+    walk(node, visit)
+
+
+def to_small_backbone(cfg: Config) -> None:
+    """PVTv2-b0 / PVT-Tiny with the same wiring, no pretrained weights, BN instead of SyncBN."""
+    backbone = cfg.model.backbone
+    if backbone.type == 'PVT':
+        backbone.arch = 'tiny'  # the widths of every v1 variant
+    elif backbone.arch != 'b0':
+        backbone.arch = 'b0'
+        wide = {64: 32, 128: 64, 320: 160, 512: 256}  # stage widths of the others -> b0's
+        for key in ('neck', 'decode_head'):
+            if key in cfg.model and isinstance(cfg.model[key].get('in_channels'), list):
+                cfg.model[key].in_channels = [wide[c] for c in cfg.model[key].in_channels]
+        if 'auxiliary_head' in cfg.model:
+            cfg.model.auxiliary_head.in_channels = wide[cfg.model.auxiliary_head.in_channels]
+    backbone.init_cfg = None
+
+    def no_sync_bn(d):
+        if d.get('type') == 'SyncBN':
+            d['type'] = 'BN'  # SyncBN needs a process group; the runner reverts it the same way
+
+    walk(cfg.model, no_sync_bn)
+
+
+# -- the fake datasets ---------------------------------------------------------------------------
+IMAGE_HW = (120, 160)
+
+
+def _image(rng: np.random.Generator) -> np.ndarray:
+    return rng.integers(0, 256, (*IMAGE_HW, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope='session')
+def coco_root(tmp_path_factory) -> Path:
+    """data/coco with train2017 (3 images), val2017 (2) and instances_*.json, boxes and polygons."""
+    from mmdet.datasets import CocoDataset
+
+    root = tmp_path_factory.mktemp('coco')
+    (root / 'annotations').mkdir()
+    rng = np.random.default_rng(0)
+    categories = [dict(id=i + 1, name=name) for i, name in enumerate(CocoDataset.METAINFO['classes'])]
+    for split, num_images in (('train2017', 3), ('val2017', 2)):
+        (root / split).mkdir()
+        images, annotations = [], []
+        for i in range(num_images):
+            name = f'{i + 1:012d}.jpg'
+            cv2.imwrite(str(root / split / name), _image(rng))
+            images.append(dict(id=i + 1, file_name=name, height=IMAGE_HW[0], width=IMAGE_HW[1]))
+            for j, (x, y, w, h) in enumerate([(10, 20, 60, 50), (80, 30, 50, 70)]):
+                polygon = [x, y, x + w, y, x + w, y + h, x + w // 2, y + h - 10, x, y + h]
+                annotations.append(dict(
+                    id=len(annotations) + 1, image_id=i + 1, category_id=1 + (i + j) % 3,
+                    bbox=[x, y, w, h], area=float(w * h) * 0.9, iscrowd=0, segmentation=[polygon]))
+        with open(root / 'annotations' / f'instances_{split}.json', 'w') as f:
+            json.dump(dict(images=images, annotations=annotations, categories=categories), f)
+    return root
+
+
+@pytest.fixture(scope='session')
+def ade_root(tmp_path_factory) -> Path:
+    """ADEChallengeData2016 with images/ and annotations/ (labels 0..150, 0 ignored)."""
+    root = tmp_path_factory.mktemp('ade') / 'ADEChallengeData2016'
+    rng = np.random.default_rng(0)
+    for split, num_images in (('training', 3), ('validation', 2)):
+        (root / 'images' / split).mkdir(parents=True)
+        (root / 'annotations' / split).mkdir(parents=True)
+        for i in range(num_images):
+            stem = f'ADE_{split[:5]}_{i + 1:08d}'
+            cv2.imwrite(str(root / 'images' / split / f'{stem}.jpg'), _image(rng))
+            label = np.zeros(IMAGE_HW, dtype=np.uint8)  # 0: "other", ignored
+            label[10:70, 20:90] = 1 + i
+            label[60:110, 80:150] = 150
+            label[:, :10] = rng.integers(0, 151, (IMAGE_HW[0], 10))
+            cv2.imwrite(str(root / 'annotations' / split / f'{stem}.png'), label)
+    return root
+
+
+# -- the zoo is complete ------------------------------------------------------------------------
+def test_the_zoo_has_every_published_config():
+    present = sorted(p.name for p in CONFIGS.glob('*.py'))
+    assert present == EXPECTED
+    assert (CONFIGS / 'retinanet_pvt_s.py').is_file()  # tools/dist_train.sh configs/retinanet_pvt_s.py 8
+
+
+@pytest.mark.parametrize('name', EXPECTED)
+def test_config_loads_with_the_release_backbone(name):
+    cfg = load(name)
+    assert cfg.custom_imports == dict(imports=['mmpvt'], allow_failed_imports=False)
+    typ, arch, release = BACKBONES[tag_of(name)]
+    backbone = cfg.model.backbone
+    assert (backbone.type, backbone.arch) == (typ, arch)
+    assert backbone.init_cfg == dict(type='Pretrained', checkpoint=f'{RELEASE}{release}.pth')
+    expected_drop_path = 0.0 if tag_of(name) in NO_DROP_PATH and 'ade20k' not in name else 0.1
+    assert backbone.drop_path_rate == expected_drop_path
+    assert 'pretrained' not in cfg.model or cfg.model.pretrained is None
+    # Standard layouts, so that a dataset elsewhere is only a data_root away.
+    if cfg.default_scope == 'mmdet':
+        assert cfg.data_root == 'data/coco/'
+        assert cfg.train_dataloader.dataset.data_prefix.img == 'train2017/'
+        assert cfg.val_dataloader.dataset.ann_file == 'annotations/instances_val2017.json'
+        assert cfg.val_evaluator.ann_file == 'data/coco/annotations/instances_val2017.json'
+    else:
+        assert cfg.data_root == 'data/ade/ADEChallengeData2016'
+        assert cfg.train_dataloader.dataset.data_prefix == dict(
+            img_path='images/training', seg_map_path='annotations/training')
+    # the GPUs x images the lr was published for
+    assert cfg.auto_scale_lr.base_batch_size % cfg.train_dataloader.batch_size == 0
+
+
+@pytest.mark.parametrize('name', EXPECTED)
+def test_config_builds_its_model(name, fast_init):
+    cfg = load(name)
+    model = build_model(cfg)
+    backbone = model.backbone
+    assert type(backbone).__name__ == cfg.model.backbone.type
+    if name in COUNTED:
+        assert count_params(model) == pytest.approx(COUNTED[name], abs=0.005)
+
+
+# -- the published recipes ----------------------------------------------------------------------
+@pytest.mark.parametrize('tag', BACKBONES)
+@pytest.mark.parametrize('method, lr', [('retinanet', 1e-4), ('mask_rcnn', 2e-4)])
+def test_1x_detection_recipe(method, lr, tag):
+    cfg = load(f'{method}_{tag}.py')
+    big = tag in BIG
+    optimizer = cfg.optim_wrapper.optimizer
+    assert cfg.optim_wrapper.type == 'OptimWrapper'
+    assert (optimizer.type, optimizer.weight_decay) == ('AdamW', 1e-4)
+    assert optimizer.lr == pytest.approx(lr / 1.4 if big else lr)
+    assert set(optimizer) == {'type', 'lr', 'weight_decay'}  # no SGD momentum left over
+    assert cfg.train_dataloader.batch_size == (1 if big else 2)
+    assert cfg.auto_scale_lr.base_batch_size == (8 if big else 16)  # 8 GPUs
+    assert cfg.train_cfg.max_epochs == 12
+    warmup, steps = cfg.param_scheduler
+    assert (warmup.type, warmup.start_factor, warmup.end, warmup.by_epoch) == ('LinearLR', 0.001, 500, False)
+    assert (steps.type, steps.milestones) == ('MultiStepLR', [8, 11])
+    resize, flip = cfg.train_dataloader.dataset.pipeline[2:4]
+    assert (resize.type, resize.scale, resize.keep_ratio) == ('Resize', (1333, 800), True)
+    assert (flip.type, flip.prob) == ('RandomFlip', 0.5)
+    assert cfg.val_dataloader.dataset.pipeline[1].scale == (1333, 800)
+    if method == 'retinanet':
+        assert cfg.model.neck.start_level == 1 and cfg.model.neck.add_extra_convs == 'on_input'
+
+
+@pytest.mark.parametrize('tag', BACKBONES)
+def test_semantic_fpn_recipe(tag):
+    cfg = load(f'fpn_{tag}_ade20k.py')
+    optimizer = cfg.optim_wrapper.optimizer
+    assert (optimizer.type, optimizer.lr, optimizer.weight_decay) == ('AdamW', 2e-4, 1e-4)
+    assert set(optimizer) == {'type', 'lr', 'weight_decay'}
+    (poly,) = cfg.param_scheduler
+    assert (poly.type, poly.power, poly.eta_min, poly.end) == ('PolyLR', 0.9, 0.0, 40000)
+    assert (cfg.train_cfg.type, cfg.train_cfg.max_iters) == ('IterBasedTrainLoop', 40000)
+    assert cfg.train_dataloader.batch_size == 4 and cfg.auto_scale_lr.base_batch_size == 32
+    crop = next(t for t in cfg.train_dataloader.dataset.pipeline if t.type == 'RandomCrop')
+    assert crop.crop_size == (512, 512) and cfg.model.data_preprocessor.size == (512, 512)
+    # Test: keep the ratio, short side 512 with the long side at most 2048, pad to 32.
+    resize = next(t for t in cfg.test_dataloader.dataset.pipeline if t.type == 'Resize')
+    assert (resize.scale, resize.keep_ratio) == ((2048, 512), True)
+    assert cfg.model.data_preprocessor.test_cfg == dict(size_divisor=32)
+    assert cfg.model.decode_head.num_classes == 150 and cfg.model.decode_head.type == 'FPNHead'
+    assert cfg.model.decode_head.norm_cfg.type == 'SyncBN'  # the paper's head, kept as shipped
+
+
+@pytest.mark.parametrize('name', [n for n in EXPECTED if n.endswith('_3x.py')])
+def test_3x_recipe(name):
+    cfg = load(name)
+    assert cfg.train_cfg.max_epochs == 36
+    assert cfg.param_scheduler[-1].milestones == [27, 33]
+    assert cfg.train_dataloader.batch_size == 2 and cfg.auto_scale_lr.base_batch_size == 16
+    choice = cfg.train_dataloader.dataset.pipeline[3]
+    assert choice.type == 'RandomChoice'
+    crop = choice.transforms[1][1]
+    assert (crop.type, crop.crop_size) == ('RandomCrop', (384, 600))
+    assert [s[0] for s in choice.transforms[0][0].scales] == list(range(480, 801, 32))
+    optimizer = cfg.optim_wrapper.optimizer
+    if name.startswith('sparse_rcnn'):
+        assert (optimizer.lr, optimizer.weight_decay) == (2.5e-5, 1e-4)
+        assert cfg.model.rpn_head.num_proposals == 300
+    else:
+        assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+        assert (optimizer.type, optimizer.lr, optimizer.weight_decay) == ('AdamW', 1e-4, 0.05)
+        assert cfg.optim_wrapper.paramwise_cfg.custom_keys == {
+            'norm': dict(decay_mult=0.), 'pos_embed': dict(decay_mult=0.)}
+        masks = name.startswith(('mask_rcnn', 'cascade'))
+        assert cfg.train_dataloader.dataset.pipeline[1].get('with_mask', False) == masks
+
+
+def test_3x_no_weight_decay_on_norms(fast_init):
+    """The paramwise rule reaches every LayerNorm of the backbone and nothing else of it."""
+    from mmengine.optim import build_optim_wrapper
+
+    cfg = load('mask_rcnn_pvt_v2_b0_3x.py')
+    model = build_model(cfg)
+    # AmpOptimWrapper needs a GPU; the parameter groups are the same.
+    wrapper = build_optim_wrapper(model, dict(cfg.optim_wrapper, type='OptimWrapper'))
+    decay = {id(p): g['weight_decay'] for g in wrapper.optimizer.param_groups for p in g['params']}
+    for name, module in model.backbone.named_modules():
+        for param in module.parameters(recurse=False):
+            expected = 0.0 if isinstance(module, torch.nn.LayerNorm) else 0.05
+            assert decay[id(param)] == expected, name
+
+
+def test_detr_recipe():
+    cfg = load('detr_pvt_s.py')
+    assert cfg.model.backbone.out_indices == (3,) and cfg.model.neck.in_channels == [512]
+    assert cfg.train_cfg.max_epochs == 50 and cfg.param_scheduler[0].milestones == [33]
+    resize = cfg.train_dataloader.dataset.pipeline[2]
+    assert resize.scales == [(1333, s) for s in range(640, 801, 32)]
+    assert cfg.optim_wrapper.paramwise_cfg.custom_keys.backbone.lr_mult == 0.1
+
+
+def test_from_scratch_is_one_override_away(fast_init):
+    cfg = load('retinanet_pvt_v2_b0.py')
+    cfg.merge_from_dict({'model.backbone.init_cfg': None})  # --cfg-options model.backbone.init_cfg=None
+    model = build_model(cfg)
+    model.init_weights()  # no download
+    assert model.backbone.init_cfg is None
+
+
+def test_an_unreachable_url_names_itself_and_the_override(tmp_path, monkeypatch, fast_init):
+    from mmpvt.checkpoint import CheckpointError
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError('no network')
+
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path))
+    model = build_model(load('retinanet_pvt_v2_b0.py'))
+    with pytest.raises(CheckpointError) as info:
+        model.backbone.init_weights()
+    assert f'{RELEASE}pvt_v2_b0.pth' in str(info.value)
+    assert '--cfg-options model.backbone.init_cfg=None' in str(info.value)
+
+
+# -- one batch through each method, on the real dataset layouts ----------------------------------
+def prepare(name: str, root: Path) -> Config:
+    cfg = load(name)
+    set_data_root(cfg, root)
+    to_small_backbone(cfg)
+    for key in ('train_dataloader', 'val_dataloader'):
+        shrink(cfg[key].dataset.pipeline)
+        cfg[key].update(num_workers=0, persistent_workers=False)
+        cfg[key].dataset.serialize_data = False  # its gc.collect() costs more than the test
+    if cfg.default_scope == 'mmseg':
+        shrink(cfg.model.data_preprocessor)
+
+    def fewer_boxes(d):
+        # Fewer proposals and sampled RoIs: the same computation, a CPU-sized amount of it.
+        if d.get('type') == 'RandomSampler':
+            d['num'] = 64
+        if 'max_per_img' in d:
+            d['max_per_img'] = min(d['max_per_img'], 100)
+        if 'nms_pre' in d:
+            d['nms_pre'] = min(d['nms_pre'], 200)
+        if 'score_thr' in d:
+            d['score_thr'] = 0.0  # an untrained head scores below the published threshold
+
+    walk([cfg.model.get('train_cfg', {}), cfg.model.get('test_cfg', {})], fewer_boxes)
+    if 'num_queries' in cfg.model:
+        cfg.model.num_queries = min(cfg.model.num_queries, 100)
+    if 'num_proposals' in cfg.model.get('rpn_head', {}):
+        cfg.model.rpn_head.num_proposals = 100
+    return cfg
+
+
+def first_batch(dataloader_cfg: ConfigDict, batch_size: int) -> dict:
+    loader = Runner.build_dataloader(dict(copy.deepcopy(dataloader_cfg), batch_size=batch_size))
+    return next(iter(loader))
+
+
+def check_finite_losses(model, batch) -> None:
+    model.train()
+    data = model.data_preprocessor(batch, True)
+    losses = model(**data, mode='loss')
+    total, log_vars = model.parse_losses(losses)
+    assert torch.isfinite(total), log_vars
+    assert all(math.isfinite(v) for v in log_vars.values()), log_vars
+    # Gradients for the backbone only: the heads' weight gradients are most of the cost.
+    params = [p for p in model.backbone.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(total, params, allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads), 'no gradient reaches the backbone'
+
+
+DETECTION_FAMILIES = [
+    # config, predicts masks
+    ('retinanet_pvt_v2_b0.py', False),
+    ('retinanet_pvt_t.py', False),
+    ('mask_rcnn_pvt_v2_b0.py', True),
+    ('mask_rcnn_pvt_v2_b0_3x.py', True),
+    ('cascade_mask_rcnn_pvt_v2_b2_3x.py', True),
+    ('atss_pvt_v2_b2_3x.py', False),
+    ('gfl_pvt_v2_b2_3x.py', False),
+    ('sparse_rcnn_pvt_v2_b2_3x.py', False),
+    ('detr_pvt_s.py', False),
+    ('deformable_detr_pvt_v2_b2.py', False),
+]
+
+
+@pytest.mark.parametrize('name, with_masks', DETECTION_FAMILIES)
+def test_detector_trains_and_predicts_one_batch(name, with_masks, coco_root, fast_init):
+    cfg = prepare(name, coco_root)
+    model = build_model(cfg)
+    model.init_weights()  # init_cfg is None: no download
+
+    check_finite_losses(model, first_batch(cfg.train_dataloader, 2))
+
+    model.eval()
+    batch = first_batch(cfg.val_dataloader, 2)
+    with torch.no_grad():
+        outputs = model.val_step(batch)
+    assert len(outputs) == 2
+    for sample in outputs:
+        pred = sample.pred_instances
+        n = len(pred)
+        assert n > 0
+        assert pred.bboxes.shape == (n, 4) and pred.scores.shape == (n,) and pred.labels.shape == (n,)
+        assert torch.isfinite(pred.bboxes).all() and ((pred.labels >= 0) & (pred.labels < 80)).all()
+        assert sample.ori_shape == IMAGE_HW
+        if with_masks:
+            assert pred.masks.shape == (n, *IMAGE_HW)
+    evaluator = Evaluator(cfg.val_evaluator)
+    evaluator.dataset_meta = Runner.build_dataloader(cfg.val_dataloader).dataset.metainfo
+    evaluator.process(outputs, batch)
+    metrics = evaluator.evaluate(2)
+    assert 'coco/bbox_mAP' in metrics and ('coco/segm_mAP' in metrics) == with_masks
+
+
+@pytest.mark.parametrize('name', ['fpn_pvt_v2_b0_ade20k.py', 'fpn_pvt_t_ade20k.py',
+                                  'upernet_pvt_v2_b2_ade20k.py'])
+def test_segmentor_trains_and_predicts_one_batch(name, ade_root, fast_init):
+    cfg = prepare(name, ade_root)
+    model = build_model(cfg)
+    model.init_weights()
+
+    batch = first_batch(cfg.train_dataloader, 2)
+    for sample in batch['data_samples']:
+        labels = sample.gt_sem_seg.data.unique()
+        assert ((labels < 150) | (labels == 255)).all()  # 1..150 became 0..149, 0 the ignore index
+    check_finite_losses(model, batch)
+
+    model.eval()
+    batch = first_batch(cfg.val_dataloader, 1)
+    with torch.no_grad():
+        (sample,) = model.val_step(batch)
+    seg = sample.pred_sem_seg.data
+    assert seg.shape == (1, *IMAGE_HW)  # back at the original size, padding removed
+    assert ((seg >= 0) & (seg < 150)).all()
+    evaluator = Evaluator(cfg.val_evaluator)
+    evaluator.dataset_meta = Runner.build_dataloader(cfg.val_dataloader).dataset.metainfo
+    evaluator.process([sample], batch)
+    assert 'mIoU' in evaluator.evaluate(1)
+
+
+def test_real_scale_pipelines(coco_root, ade_root):
+    """The shipped pipelines at their published sizes (no model), on the fake datasets."""
+    def sample(name, root, split='train'):
+        cfg = load(name)
+        set_data_root(cfg, root)
+        loader = dict(cfg[f'{split}_dataloader'], num_workers=0, persistent_workers=False)
+        init_default_scope(cfg.default_scope)
+        return Runner.build_dataloader(dict(loader, batch_size=1)).dataset[0]
+
+    img = sample('retinanet_pvt_s.py', coco_root)['inputs']
+    assert max(img.shape[1:]) == 1067 and min(img.shape[1:]) == 800  # 160x120 to short side 800
+    for _ in range(3):
+        img = sample('atss_pvt_v2_b2_3x.py', coco_root)['inputs']
+        assert 480 <= min(img.shape[1:]) <= 800 and max(img.shape[1:]) <= 1333
+    img = sample('mask_rcnn_pvt_v2_b2.py', coco_root, 'val')['inputs']
+    assert img.shape[1:] == (800, 1067)
+    img = sample('fpn_pvt_v2_b2_ade20k.py', ade_root, 'val')['inputs']
+    assert img.shape[1:] == (512, 683)  # short side 512, ratio kept; padding happens in the model
+
+
+# -- documentation ------------------------------------------------------------------------------
+UNPUBLISHED = {'mask_rcnn_pvt_v2_b2_li_3x.py', 'deformable_detr_pvt_v2_b2.py', 'upernet_pvt_v2_b2_ade20k.py'}
+
+
+def test_readme_and_metafile_list_every_config():
+    readme = (CONFIGS / 'README.md').read_text()
+    meta = yaml.safe_load((CONFIGS / 'metafile.yml').read_text())
+    models = meta['Models']
+    assert sorted(Path(m['Config']).name for m in models) == EXPECTED
+    for model in models:
+        name = Path(model['Config']).name
+        assert f'[{name}]' in readme or f'`{name}`' in readme, name
+        assert model['Config'] == f'configs/{name}'
+        if name in COUNTED:
+            assert model['Metadata']['Parameters (M)'] == COUNTED[name]
+        assert bool(model.get('Results')) == (name not in UNPUBLISHED), name
