@@ -110,11 +110,16 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, dtype: torch.d
 
 
 def count_flops(model: torch.nn.Module, x: torch.Tensor, mode: str, detector: bool) -> int:
-    """FLOPs of one step (forward; forward and backward in train mode)."""
-    step = make_step(model, x, mode, torch.float32, x.device.type, detector)
+    """FLOPs of one step: the forward's, times 3 in train mode (backward ~ 2x forward).
+
+    The backward is not counted directly: torch's counter prices the backward of a grouped
+    (depthwise) convolution as if it were dense, several times PVTv2's real cost.
+    """
+    step = make_step(model.eval(), x, 'infer', torch.float32, x.device.type, detector)
     with FlopCounterMode(display=False) as counter:
         step()
-    return counter.get_total_flops()
+    model.train(mode == 'train')
+    return counter.get_total_flops() * (3 if mode == 'train' else 1)
 
 
 def gemm_gflops(dtype: torch.dtype, device: str, size: int = 2048, repeat: int = 5) -> float:
