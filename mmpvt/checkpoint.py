@@ -46,7 +46,9 @@ def history_buffer_getattr(obj: Any, name: str) -> Any:
     ``os.system``; this stand-in resolves only ``HistoryBuffer.min/max/current/mean`` and
     the statistics registered on it.
     """
-    if obj is HistoryBuffer and name in HistoryBuffer._statistics_methods:
+    # The built-in statistics are named explicitly: mmengine fills _statistics_methods only
+    # when the first buffer is created, which a fresh process has not done yet.
+    if obj is HistoryBuffer and name in {'min', 'max', 'current', 'mean', *HistoryBuffer._statistics_methods}:
         return getattr(obj, name)
     raise pickle.UnpicklingError(f'refused getattr({obj!r}, {name!r}) while loading a checkpoint')
 

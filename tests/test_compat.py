@@ -125,3 +125,15 @@ def test_crafted_getattr_in_a_checkpoint_is_refused(tmp_path):
     torch.save({'x': Exploit()}, tmp_path / 'evil.pth')
     with pytest.raises(pickle.UnpicklingError, match='refused getattr'):
         torch.load(tmp_path / 'evil.pth', weights_only=True)
+
+
+def test_fresh_process_loads_an_mmengine_checkpoint(tmp_path, python):
+    """A process that has not created a HistoryBuffer yet (tools/test.py) still loads one."""
+    make_runner(tmp_path, max_iters=2).train()
+    code = textwrap.dedent(f'''
+        import torch, mmpvt
+        checkpoint = torch.load({str(tmp_path / 'iter_2.pth')!r}, weights_only=True)
+        print(type(checkpoint['message_hub']['log_scalars']['train/loss']).__name__)
+    ''')
+    out = subprocess.run([python, '-c', code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == 'HistoryBuffer'
