@@ -1,0 +1,55 @@
+# Mask R-CNN-PVTv2-b0 trained from scratch on the synthetic shapes (boxes and polygon masks).
+# The model is ../mask_rcnn_pvt_v2_b0.py unchanged but for the number of classes and the
+# backbone's pretrained weights (none: nothing is downloaded); only data and schedule differ.
+# Data: python -m mmpvt.datasets.synthetic data/synthetic --num-train 1000 --num-val 100 --size 128
+_base_ = ['../mask_rcnn_pvt_v2_b0.py']
+
+data_root = 'data/synthetic/coco/'
+metainfo = dict(classes=('circle', 'rectangle', 'triangle'),
+                palette=[(220, 20, 60), (0, 130, 230), (250, 170, 30)])
+img_scale = (128, 128)  # the generated size
+
+model = dict(
+    backbone=dict(init_cfg=None),
+    roi_head=dict(bbox_head=dict(num_classes=3), mask_head=dict(num_classes=3)))
+
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs'),
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=img_scale, keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
+]
+# Two CPU cores: the model's own threads use both, so images load in the main process.
+train_dataloader = dict(
+    batch_size=8, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=train_pipeline,
+                 ann_file='annotations/instances_train2017.json', data_prefix=dict(img='train2017/')))
+val_dataloader = dict(
+    batch_size=4, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=test_pipeline,
+                 ann_file='annotations/instances_val2017.json', data_prefix=dict(img='val2017/')))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
+test_evaluator = val_evaluator
+
+# Schedule: that of the RetinaNet demo (retinanet_pvt_v2_b0_synthetic.py), where it is explained.
+max_iters = 1000
+train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters, val_interval=250)
+optim_wrapper = dict(optimizer=dict(lr=4e-4, weight_decay=1e-4, fused=True),
+                     clip_grad=dict(max_norm=10, norm_type=2))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
+    dict(type='CosineAnnealingLR', by_epoch=False, begin=50, end=max_iters, eta_min=1e-6),
+]
+default_hooks = dict(
+    logger=dict(interval=20, log_metric_by_epoch=False),  # metrics logged at their iteration
+    checkpoint=dict(by_epoch=False, interval=max_iters, max_keep_ckpts=1))
+log_processor = dict(by_epoch=False, window_size=20)
+auto_scale_lr = dict(base_batch_size=8)  # the lr above is for 1 process x 8 images

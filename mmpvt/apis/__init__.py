@@ -1,0 +1,36 @@
+"""Helpers for mmpvt's command-line tools (tools/train.py, tools/test.py, tools/analysis/).
+
+Imported by the tools only; ``import mmpvt`` does not load it. Importing it registers
+``CPUAmpOptimWrapper`` (bfloat16 autocast on the CPU, used by ``train.py --amp``).
+"""
+from .amp import CPUAmpOptimWrapper, cpu_has_fast_bf16
+from .launch import (
+    LaunchError,
+    add_dump,
+    add_resume_hooks,
+    add_run_arguments,
+    apply_resume,
+    check_cfg_options,
+    check_data,
+    check_file,
+    default_work_dir,
+    enable_amp,
+    enable_auto_scale_lr,
+    enable_show_dir,
+    explain_data_error,
+    explain_data_errors,
+    format_metrics,
+    is_main_process,
+    load_config,
+    load_run_config,
+    parse_metrics,
+    setup_distributed,
+)
+
+__all__ = [
+    'add_dump', 'add_resume_hooks', 'add_run_arguments', 'apply_resume', 'check_cfg_options',
+    'check_data', 'check_file', 'cpu_has_fast_bf16', 'CPUAmpOptimWrapper', 'default_work_dir',
+    'enable_amp', 'enable_auto_scale_lr', 'enable_show_dir', 'explain_data_error',
+    'explain_data_errors', 'format_metrics', 'is_main_process', 'LaunchError', 'load_config',
+    'load_run_config', 'parse_metrics', 'setup_distributed',
+]

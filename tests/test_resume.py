@@ -1,0 +1,171 @@
+"""A run killed right after a checkpoint and resumed with --resume ends exactly where an
+uninterrupted run ends: the same weights, bit for bit, and the same logged losses.
+
+RetinaNet-PVTv2-b0 on a tiny synthetic COCO set, five iterations on the CPU, killed with
+SIGKILL after the checkpoint of iteration 3. The backbone keeps its stochastic depth
+(drop_path_rate 0.1), so the resumed iterations draw random masks: without
+``IterationSeedHook`` (added by tools/train.py) they come out different from the
+uninterrupted run's, and so do the losses and weights. Four images in batches of two make
+an epoch of two iterations: the resumed run's fast-forward over the three trained
+batches starts a new pass over the data, as long runs do.
+"""
+import json
+import random
+import signal
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from mmpvt.apis import add_resume_hooks, load_config
+from mmpvt.checkpoint import load_checkpoint_file
+from mmpvt.datasets.synthetic import generate
+from mmpvt.engine import IterationSeedHook
+
+from tooling import DEMO_CONFIGS, TOOLS, free_port
+from tooling import run_tool as run
+
+CONFIG = DEMO_CONFIGS['retinanet']
+MAX_ITERS = 5
+KILLED_AT = 3  # a checkpoint iteration: the checkpoint interval
+# No validation (it would only cost time), a log line and a checkpoint where the test needs them,
+# fixed seed, deterministic kernels.
+RUN = [f'train_cfg.max_iters={MAX_ITERS}', f'default_hooks.checkpoint.interval={KILLED_AT}',
+       'default_hooks.logger.interval=1', 'randomness.seed=0', 'randomness.deterministic=True',
+       'val_cfg=None', 'val_dataloader=None', 'val_evaluator=None']
+LOGGED = ('loss', 'loss_cls', 'loss_bbox', 'grad_norm', 'lr')
+
+
+@pytest.fixture(scope='module')
+def workspace(tmp_path_factory) -> Path:
+    """data/synthetic where the demo config reads it, and the demo config with the crash hook."""
+    root = tmp_path_factory.mktemp('resume')
+    generate(root / 'data' / 'synthetic', num_train=4, num_val=2, seed=0, size=128)
+    (root / 'crashing.py').write_text(
+        f'_base_ = [{str(CONFIG)!r}]\n'
+        "custom_imports = dict(imports=['mmpvt', 'crash_hook'], allow_failed_imports=False)\n"
+        f"custom_hooks = [dict(type='KillAfterCheckpointHook', iteration={KILLED_AT})]\n")
+    return root
+
+
+def logged_iterations(work_dir: Path) -> dict[int, dict]:
+    """The scalars logged per iteration by all runs in ``work_dir``; each iteration must appear once."""
+    iterations: dict[int, dict] = {}
+    for path in sorted(work_dir.glob('*/vis_data/scalars.json')):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            assert record['iter'] not in iterations, f'iteration {record["iter"]} logged twice'
+            iterations[record['iter']] = {key: record[key] for key in LOGGED}
+    return iterations
+
+
+def assert_same_weights(checkpoint: Path, reference: Path) -> None:
+    # mmpvt's loader reads with weights_only=True: the checkpoints stay loadable that way.
+    state = load_checkpoint_file(checkpoint)['state_dict']
+    expected = load_checkpoint_file(reference)['state_dict']
+    assert state.keys() == expected.keys()
+    different = [key for key in state if not torch.equal(state[key], expected[key])]
+    assert not different, f'{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}'
+
+
+def train(config: Path, processes: int, work_dir: Path, options: list, cwd: Path,
+          resume: bool = False) -> subprocess.CompletedProcess:
+    """tools/train.py for one process, tools/dist_train.sh (torchrun, a fresh port) for more."""
+    if processes == 1:
+        launcher, env = [TOOLS / 'train.py', config], None
+    else:
+        launcher, env = [TOOLS / 'dist_train.sh', config, processes], {'PORT': str(free_port())}
+    resume_args = ['--resume'] if resume else []
+    return run([*launcher, '--work-dir', work_dir, *resume_args, '--cfg-options', *options], cwd, env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('processes', [1, 2])
+def test_resumed_run_equals_the_uninterrupted_run(processes, workspace):
+    """Two processes: tools/dist_train.sh, CPU processes over gloo, one image each per iteration.
+
+    Only rank 0 is killed; torchrun's agent then stops rank 1 and exits with an error.
+    """
+    options = [*RUN, f'train_dataloader.batch_size={2 // processes}']
+    full_dir, work_dir = workspace / f'full_{processes}', workspace / f'crashed_{processes}'
+    full = train(CONFIG, processes, full_dir, options, workspace)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    killed = train(workspace / 'crashing.py', processes, work_dir, options, workspace)
+    if processes == 1:
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    else:
+        assert killed.returncode != 0 and 'Signal 9 (SIGKILL)' in killed.stderr, killed.stderr[-3000:]
+    assert f'Iter(train) [{KILLED_AT}/{MAX_ITERS}]' in killed.stdout + killed.stderr
+    assert (work_dir / f'iter_{KILLED_AT}.pth').is_file()
+    assert not (work_dir / f'iter_{MAX_ITERS}.pth').exists()
+
+    resumed = train(workspace / 'crashing.py', processes, work_dir, options, workspace, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed_log = resumed.stdout + resumed.stderr
+    assert f'resumed epoch: 0, iter: {KILLED_AT}' in resumed_log
+    assert f'Iter(train) [{KILLED_AT + 1}/{MAX_ITERS}]' in resumed_log
+    assert f'Iter(train) [{KILLED_AT}/{MAX_ITERS}]' not in resumed_log
+
+    logged = logged_iterations(work_dir)  # the killed and the resumed run's logs together
+    assert sorted(logged) == list(range(1, MAX_ITERS + 1))
+    expected = logged_iterations(full_dir)
+    for iteration in range(1, MAX_ITERS + 1):
+        assert logged[iteration] == expected[iteration], f'iteration {iteration}'
+    assert_same_weights(work_dir / f'iter_{MAX_ITERS}.pth', full_dir / f'iter_{MAX_ITERS}.pth')
+
+
+# -- the hook on its own ----------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def draw() -> tuple:
+    return torch.rand(4).tolist(), np.random.rand(), random.random()
+
+
+def test_iteration_draws_depend_on_seed_and_iteration_only():
+    hook = IterationSeedHook()
+
+    def train_iteration(outside_seed: int, seed: int, iteration: int) -> tuple[tuple, tuple]:
+        """What an iteration draws, and what is drawn right after it."""
+        seed_everything(outside_seed)
+        runner = SimpleNamespace(seed=seed, iter=iteration)
+        hook.before_train_iter(runner, iteration)
+        inside = draw()
+        hook.after_train_iter(runner, iteration)
+        return inside, draw()
+
+    inside, after = train_iteration(outside_seed=1, seed=0, iteration=4)
+    assert train_iteration(outside_seed=2, seed=0, iteration=4)[0] == inside  # whatever came before
+    assert train_iteration(outside_seed=1, seed=0, iteration=5)[0] != inside
+    assert train_iteration(outside_seed=1, seed=1, iteration=4)[0] != inside
+    # Outside the iteration the generators go on as if it had drawn nothing (data loading replays).
+    seed_everything(1)
+    assert draw() == after
+
+
+def test_validation_does_not_advance_the_generators():
+    hook = IterationSeedHook()
+    seed_everything(3)
+    hook.before_val(None)
+    draw()
+    hook.after_val(None)
+    after = draw()
+    seed_everything(3)
+    assert draw() == after
+
+
+def test_train_tool_adds_the_hook_once():
+    from mmdet.registry import HOOKS
+    cfg = load_config(CONFIG)
+    add_resume_hooks(cfg)
+    add_resume_hooks(cfg)
+    assert [hook['type'] for hook in cfg.custom_hooks] == ['IterationSeedHook']
+    assert cfg.custom_imports.imports.count('mmpvt.engine') == 1  # the work dir's config builds it too
+    assert isinstance(HOOKS.build(cfg.custom_hooks[0]), IterationSeedHook)  # found from mmdet's scope

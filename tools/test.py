@@ -1,0 +1,48 @@
+"""Evaluate a checkpoint on a config's test set and print its metrics table.
+
+    python tools/test.py CONFIG CHECKPOINT [--out FILE.pkl] [--show-dir DIR] [--work-dir DIR]
+                         [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm]
+
+The evaluator of the config prints its own summary (COCO's AP table for mmdet, mmseg's
+per-class IoU table); the last lines are a markdown table ``| metric | value |`` of all
+returned metrics, which scripts parse.
+"""
+import argparse
+import sys
+
+from mmengine.runner import Runner
+
+from mmpvt import apis
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Test a checkpoint with mmengine\'s Runner.')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--out', help='also dump the raw predictions to this .pkl file')
+    parser.add_argument('--show-dir', help='draw predictions on every test image into this directory')
+    apis.add_run_arguments(parser, 'where the test log goes', 'test_dataloader.batch_size=2')
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = apis.load_run_config(args)
+    cfg.load_from = str(apis.check_file(args.checkpoint, 'checkpoint'))
+    if args.out:
+        apis.add_dump(cfg, args.out)
+    if args.show_dir:
+        apis.enable_show_dir(cfg, args.show_dir)
+    apis.check_data(cfg, ('test',))
+    apis.setup_distributed(cfg, args.launcher)
+    with apis.explain_data_errors(cfg, ('test',)):
+        metrics = Runner.from_cfg(cfg).test()
+    if apis.is_main_process():
+        print(apis.format_metrics(metrics), flush=True)
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except apis.LaunchError as exc:
+        sys.exit(f'error: {exc}')

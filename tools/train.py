@@ -1,0 +1,48 @@
+"""Train a detector or segmentor from an mmdet or mmseg config (its default_scope decides).
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp] [--auto-scale-lr]
+                          [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm]
+
+One process on the CPU or a GPU; several through tools/dist_train.sh (torchrun) or
+tools/slurm_train.sh. Everything else is mmengine's Runner.
+"""
+import argparse
+import sys
+
+from mmengine.runner import Runner
+
+from mmpvt import apis
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description='Train a model with mmengine\'s Runner.')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('--resume', nargs='?', const='auto', metavar='CKPT',
+                        help='resume from CKPT, or from the work dir\'s latest checkpoint if none is given')
+    parser.add_argument('--amp', action='store_true', help='mixed precision training (GPU)')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help='scale the lr by the total batch size over auto_scale_lr.base_batch_size')
+    apis.add_run_arguments(parser, 'where logs and checkpoints go', 'train_cfg.max_iters=100')
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = apis.load_run_config(args)
+    if args.amp:
+        apis.enable_amp(cfg)
+    if args.auto_scale_lr:
+        apis.enable_auto_scale_lr(cfg)
+    apis.apply_resume(cfg, args.resume)
+    apis.add_resume_hooks(cfg)
+    apis.check_data(cfg, ('train', 'val'))
+    apis.setup_distributed(cfg, args.launcher)
+    with apis.explain_data_errors(cfg, ('train', 'val')):
+        Runner.from_cfg(cfg).train()
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except apis.LaunchError as exc:
+        sys.exit(f'error: {exc}')
