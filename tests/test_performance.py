@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from mmpvt import PVT, PVTv2
+from mmpvt.models.layers import nchw_to_nlc, nlc_to_nchw
+from mmpvt.models.pvt import Mlp
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 TINY = dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 1, 1), num_heads=(1, 2, 3, 4),
@@ -86,3 +89,22 @@ def test_benchmark_harness_smoke(python):
     rows = [line for line in out.splitlines() if line.startswith('| ') and 'implementation' not in line]
     assert [row.split('|')[1].strip() for row in rows] == ['mmpvt', 'mmdet', 'timm']
     assert all(float(row.split('|')[4]) > 0 for row in rows)  # time / mmpvt
+
+
+@pytest.mark.parametrize('hw', [(1, 1), (1, 5), (4, 1), (7, 9), (16, 16)])
+def test_fc1_bias_carried_by_the_depthwise_conv_is_exact(hw):
+    """The MLP's bias fold (fc1's bias moved into the 3x3 depthwise conv, the border corrected)
+    gives the plain fc1 -> dwconv -> GELU -> fc2 result and gradients, on maps down to 1x1."""
+    torch.manual_seed(0)
+    mlp = Mlp(8, 32, dwconv=True).double().to(memory_format=torch.channels_last)
+    nn.init.normal_(mlp.fc1.bias)
+    nn.init.normal_(mlp.dwconv.bias)
+    x = torch.randn(2, hw[0] * hw[1], 8, dtype=torch.double, requires_grad=True)
+    hidden = nchw_to_nlc(mlp.dwconv(nlc_to_nchw(mlp.fc1(x), hw)))
+    reference = mlp.fc2(mlp.act(hidden))
+    out = mlp(x, hw)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-12)
+    grad = torch.randn_like(out)
+    wrt = [x, mlp.fc1.weight, mlp.fc1.bias, mlp.dwconv.weight, mlp.dwconv.bias]
+    for got, want in zip(torch.autograd.grad(out, wrt, grad), torch.autograd.grad(reference, wrt, grad)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
