@@ -2,10 +2,21 @@
 import re
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 HERE = Path(__file__).parent
 VERSION = re.search(r"__version__ = '([^']+)'", (HERE / 'mmpvt' / 'version.py').read_text()).group(1)
+
+# A plain C library (no Python or torch headers, so it builds in seconds), loaded through
+# ctypes by mmpvt/ops/dwconv_gelu.py; without it that op falls back to PyTorch's layers.
+# OpenMP's libgomp.so.1 resolves to the copy torch has already loaded.
+DWCONV_GELU = Extension(
+    'mmpvt.ops._dwconv_gelu',
+    sources=['mmpvt/ops/csrc/dwconv_gelu.c'],
+    depends=['mmpvt/ops/csrc/dwconv_gelu_rows.h'],
+    extra_compile_args=['-O3', '-std=c11', '-fopenmp', '-fno-math-errno', '-Wall'],
+    extra_link_args=['-fopenmp'],
+)
 
 setup(
     name='mmpvt',
@@ -32,5 +43,6 @@ setup(
         'all': ['mmdet>=3.0.0,<3.4.0', 'mmsegmentation>=1.0.0,<1.3.0', 'ftfy', 'regex', 'matplotlib'],
         'tests': ['pytest>=8', 'ruff>=0.6'],
     },
+    ext_modules=[DWCONV_GELU],
     zip_safe=False,
 )

@@ -66,9 +66,18 @@ import timm, ftfy, regex, pycocotools, pytest, matplotlib, pkg_resources" 2>/dev
   "${PIP[@]}" install -q -r "$ROOT/requirements.txt"
 fi
 
-CURRENT="mmpvt in editable mode"
+CURRENT="mmpvt in editable mode, with its compiled kernel"
 # Checked from outside the repository: the working directory would shadow a missing install.
-if ! (cd / && "$PY" -c 'import mmpvt, sys; sys.exit(not mmpvt.__file__.startswith(sys.argv[1]))' "$ROOT") 2>/dev/null; then
+# The kernel (mmpvt/ops/csrc) is rebuilt when missing or older than its sources.
+if ! (cd / && "$PY" -c '
+import sys
+from pathlib import Path
+import mmpvt
+from mmpvt.ops import dwconv_gelu
+built = sorted(Path(dwconv_gelu.__file__).parent.glob("_dwconv_gelu*.so"))
+sources = Path(sys.argv[1], "mmpvt", "ops", "csrc").iterdir()
+sys.exit(not mmpvt.__file__.startswith(sys.argv[1]) or not dwconv_gelu.available()
+         or max(p.stat().st_mtime for p in sources) > built[0].stat().st_mtime)' "$ROOT") 2>/dev/null; then
   step "$CURRENT"
   "${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
 fi

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import load_backbone_checkpoint, shape_mismatch
+from ..ops import dwconv_gelu
 from ..registry import register_model
 from .layers import HW, DropPath, PatchEmbed, nchw_to_nlc, nlc_to_nchw, resize_pos_embed
 
@@ -151,18 +152,25 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: HW) -> torch.Tensor:
         if self.dwconv is not None and self.relu is None:
-            x = nchw_to_nlc(self._dwconv_of_fc1(x, hw))
+            h = F.linear(x, self.fc1.weight)  # fc1's bias goes in with the convolution
+            if dwconv_gelu.applies(h):
+                x = dwconv_gelu.dwconv_gelu(h, hw, self.dwconv.weight, self.fc1.bias, self.dwconv.bias)
+            else:
+                x = self.act(nchw_to_nlc(self._dwconv_of_fc1(h, hw)))
         else:
             x = self.fc1(x)
             if self.relu is not None:
                 x = self.relu(x)
             if self.dwconv is not None:
                 x = nchw_to_nlc(self.dwconv(nlc_to_nchw(x, hw)))
-        x = self.drop(self.act(x))
-        return self.drop(self.fc2(x))
+            x = self.act(x)
+        return self.drop(self.fc2(self.drop(x)))
 
-    def _dwconv_of_fc1(self, x: torch.Tensor, hw: HW) -> torch.Tensor:
-        """``dwconv(fc1(x))`` with fc1's bias carried by the convolution instead of the hidden map.
+    def _dwconv_of_fc1(self, h: torch.Tensor, hw: HW) -> torch.Tensor:
+        """``dwconv(h + fc1.bias)`` for ``h = x @ fc1.weight.T``: the bias carried by the convolution.
+
+        The layer-by-layer path, where mmpvt.ops.dwconv_gelu does not apply (CUDA, autocast,
+        float64).
 
         ``fc1`` writes the widest tensor of the block (``mlp_ratio`` times the channels), and
         adding its bias there costs a full pass over it forward (a copy into the GEMM's output)
@@ -174,7 +182,7 @@ class Mlp(nn.Module):
         float rounding.
         """
         bias = self.fc1.bias
-        h = nlc_to_nchw(F.linear(x, self.fc1.weight), hw)
+        h = nlc_to_nchw(h, hw)
         if bias is None:
             return self.dwconv(h)
         conv = self.dwconv

@@ -1,0 +1,243 @@
+/* PVTv2's MLP middle, fused: a = GELU(dwconv3x3(h + b1) + bc), forward and backward.
+ *
+ * Maps are channels-last float32, (B, H, W, C) contiguous: the (B, N, C) output of fc1 as
+ * it is. `b1` is fc1's bias (added to the map, not to the zero padding), `w` the depthwise
+ * weights as (9, C) (tap-major, so the channel loop is contiguous), `bc` the conv's bias;
+ * either bias may be NULL.
+ *
+ * Why fused: on a CPU these steps are bound by memory traffic, not arithmetic. Unfused, the
+ * forward writes the conv output, reads it back for GELU and writes GELU's output; the
+ * backward reads GELU's input and incoming gradient, writes the conv's gradient, reads it
+ * twice more (input and weight gradients) and writes the input gradient. Fused, the forward
+ * reads h and writes a, and the backward reads h and the incoming gradient and writes h's
+ * gradient: the pre-activation is recomputed row by row in cache instead of being stored.
+ *
+ * GELU is the exact (erf) one, computed as ATen's vectorised CPU kernels do (the
+ * Abramowitz-Stegun erf with a Cephes exp), so results agree with PyTorch's to float
+ * rounding. Threads split rows; each thread reduces its own weight and bias gradients and
+ * the caller's partial buffers are summed in thread order, so a run is deterministic for a
+ * given thread count.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+static const float kSqrtHalf = 0.70710678118654752f;
+static const float kInvSqrt2Pi = 0.39894228040143268f;
+
+/* What every row kernel reads. */
+typedef struct {
+    const float *w;     /* (9, C) taps */
+    const float *b1;    /* (C) fc1's bias, or zeros */
+    const float *cb;    /* (16, C): conv bias + fc1 bias through the taps inside the map */
+    const float *zeros; /* (C) zeros: what a tap on the padding reads */
+    int64_t H, W, C;
+} Conv;
+
+/* Pre-activation of row r, one pixel at a time, handed to `emit` as (x, c, value).
+ * Output (r, x) reads h at (r + dy, x + dx) through tap t = (dy + 1) * 3 + dx + 1; fc1's
+ * bias reaches it only through the taps inside the map, which cv->cb holds per border case. */
+#define CONV_ROW(cv, img, r, BODY)                                                          \
+    do {                                                                                        \
+        const int64_t H_ = (cv)->H, W_ = (cv)->W, C = (cv)->C;                                  \
+        const float *rows_[3] = {(r) > 0 ? (img) + ((r) - 1) * W_ * C : NULL,                  \
+                                 (img) + (r) * W_ * C,                                          \
+                                 (r) < H_ - 1 ? (img) + ((r) + 1) * W_ * C : NULL};             \
+        const float *restrict w0 = (cv)->w, *restrict w1 = w0 + C, *restrict w2 = w1 + C,      \
+                              *restrict w3 = w2 + C, *restrict w4 = w3 + C,                    \
+                              *restrict w5 = w4 + C, *restrict w6 = w5 + C,                    \
+                              *restrict w7 = w6 + C, *restrict w8 = w7 + C;                    \
+        for (int64_t x = 0; x < W_; ++x) {                                                      \
+            const float *p_[9];                                                                 \
+            for (int dy = 0; dy < 3; ++dy)                                                      \
+                for (int dx = 0; dx < 3; ++dx) {                                                \
+                    const int64_t xx = x + dx - 1;                                              \
+                    p_[dy * 3 + dx] = (rows_[dy] != NULL && xx >= 0 && xx < W_)                 \
+                                          ? rows_[dy] + xx * C : (cv)->zeros;                  \
+                }                                                                               \
+            const int case_ = (rows_[0] != NULL) | (rows_[2] != NULL) << 1 | (x > 0) << 2      \
+                              | (x < W_ - 1) << 3;                                              \
+            const float *restrict cb = (cv)->cb + case_ * C;                                    \
+            const float *restrict p0 = p_[0], *restrict p1 = p_[1], *restrict p2 = p_[2],       \
+                              *restrict p3 = p_[3], *restrict p4 = p_[4],                      \
+                              *restrict p5 = p_[5], *restrict p6 = p_[6],                      \
+                              *restrict p7 = p_[7], *restrict p8 = p_[8];                      \
+            _Pragma("omp simd") for (int64_t c = 0; c < C; ++c) {                               \
+                const float v = cb[c] + w0[c] * p0[c] + w1[c] * p1[c] + w2[c] * p2[c]           \
+                                + w3[c] * p3[c] + w4[c] * p4[c] + w5[c] * p5[c]                 \
+                                + w6[c] * p6[c] + w7[c] * p7[c] + w8[c] * p8[c];                \
+                BODY                                                                            \
+            }                                                                                   \
+        }                                                                                       \
+    } while (0)
+
+/* One copy of the row kernels per instruction set, picked once at run time by CPU features
+ * (not by CPU model, which is what GCC's target_clones("arch=...") tests). */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
+#define ISA(name) name##_avx512
+#include "dwconv_gelu_rows.h"
+#undef ISA
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define ISA(name) name##_avx2
+#include "dwconv_gelu_rows.h"
+#undef ISA
+#pragma GCC pop_options
+#define HAVE_X86_VARIANTS 1
+#endif
+#define ISA(name) name##_base
+#include "dwconv_gelu_rows.h"
+#undef ISA
+
+static struct {
+    void (*fwd_row)(const Conv *, const float *, float *, int64_t);
+    void (*grad_y_row)(const Conv *, const float *, const float *, float *, int64_t);
+    void (*bwd_row)(const Conv *, const float *, const float *const *, float *, float *, float *,
+                    float *, int64_t);
+    const char *name;
+} kernels;
+
+#define USE(isa)                                \
+    do {                                        \
+        kernels.fwd_row = fwd_row_##isa;        \
+        kernels.grad_y_row = grad_y_row_##isa;  \
+        kernels.bwd_row = bwd_row_##isa;        \
+        kernels.name = #isa;                    \
+    } while (0)
+
+static void pick_kernels(void) {
+    if (kernels.name != NULL) return;
+#ifdef HAVE_X86_VARIANTS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+        USE(avx512);
+        return;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        USE(avx2);
+        return;
+    }
+#endif
+    USE(base);
+}
+
+/* Which copy of the kernels this CPU runs: "avx512", "avx2" or "base". */
+const char *mmpvt_dwconv_gelu_isa(void) {
+    pick_kernels();
+    return kernels.name;
+}
+
+/* Fills cv and its (17, C) buffer: 16 border cases of the constant term, then zeros. The
+ * case's bits say which of the rows above/below and columns left/right are in the map. */
+static float *make_conv(Conv *cv, const float *w, const float *b1, const float *bc, int64_t H,
+                        int64_t W, int64_t C) {
+    float *buf = calloc((size_t)(18 * C), sizeof(float));
+    if (buf == NULL) return NULL;
+    float *cb = buf, *zeros = buf + 16 * C, *b1v = buf + 17 * C;
+    if (b1 != NULL) memcpy(b1v, b1, (size_t)C * sizeof(float));
+    for (int k = 0; k < 16; ++k) {
+        const int row_ok[3] = {k & 1, 1, (k >> 1) & 1}, col_ok[3] = {(k >> 2) & 1, 1, (k >> 3) & 1};
+        for (int64_t c = 0; c < C; ++c) {
+            float taps = 0.0f;
+            for (int dy = 0; dy < 3; ++dy)
+                for (int dx = 0; dx < 3; ++dx)
+                    if (row_ok[dy] && col_ok[dx]) taps += w[(dy * 3 + dx) * C + c];
+            cb[k * C + c] = (bc != NULL ? bc[c] : 0.0f) + b1v[c] * taps;
+        }
+    }
+    *cv = (Conv){w, b1v, cb, zeros, H, W, C};
+    return buf;
+}
+
+/* Threads take contiguous ranges of the B * H rows: neighbours share cached rows of h. */
+static int64_t split(int64_t n, int t, int nt) { return n * t / nt; }
+
+/* a = GELU(dwconv3x3(h + b1) + bc) for the B maps (H, W, C), into out (B, H, W, C), on
+ * `threads` threads. Returns 0, or -1 when out of memory. */
+int mmpvt_dwconv_gelu_forward(const float *h, const float *b1, const float *w, const float *bc,
+                              float *out, int64_t B, int64_t H, int64_t W, int64_t C,
+                              int64_t threads) {
+    pick_kernels();
+    Conv cv;
+    float *buf = make_conv(&cv, w, b1, bc, H, W, C);
+    if (buf == NULL) return -1;
+#pragma omp parallel num_threads((int)threads)
+    {
+        const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t begin = split(B * H, t, nt), end = split(B * H, t + 1, nt);
+        for (int64_t i = begin; i < end; ++i) {
+            kernels.fwd_row(&cv, h + i / H * H * W * C, out + i * W * C, i % H);
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* Gradients of the forward above given g = dL/da: grad_h (B, H, W, C) and, summed over all
+ * pixels, grad_w (9, C), grad_bc (C) and grad_b1 (C). `partials` holds 11 * C floats per
+ * thread (at least `threads` of them) for the per-thread sums. Returns 0, or -1 when out
+ * of memory. */
+int mmpvt_dwconv_gelu_backward(const float *h, const float *g, const float *b1, const float *w,
+                               const float *bc, float *grad_h, float *grad_w, float *grad_bc,
+                               float *grad_b1, float *partials, int64_t B, int64_t H, int64_t W,
+                               int64_t C, int64_t threads) {
+    pick_kernels();
+    Conv cv;
+    float *buf = make_conv(&cv, w, b1, bc, H, W, C);
+    if (buf == NULL) return -1;
+    int failed = 0, used = 1;
+#pragma omp parallel num_threads((int)threads) reduction(| : failed)
+    {
+        const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        if (t == 0) used = nt;
+        float *part = partials + (int64_t)t * 11 * C;
+        memset(part, 0, (size_t)(11 * C) * sizeof(float));
+        /* A ring of three gy rows and the (map, row) index each slot holds: each row's gy
+         * is computed once per thread, and reused by the rows above and below it. */
+        float *ring = malloc((size_t)(3 * W * C) * sizeof(float));
+        int64_t held[3] = {-1, -1, -1};
+        if (ring == NULL) {
+            failed = 1;
+        } else {
+            const int64_t begin = split(B * H, t, nt), end = split(B * H, t + 1, nt);
+            for (int64_t i = begin; i < end; ++i) {
+                const int64_t b = i / H, r = i % H;
+                const float *img = h + b * H * W * C, *gimg = g + b * H * W * C;
+                const float *gy[3];
+                for (int k = 0; k < 3; ++k) {
+                    const int64_t rr = r + k - 1, id = b * H + rr, slot = id % 3;
+                    gy[k] = NULL;
+                    if (rr < 0 || rr >= H) continue;
+                    float *dst = ring + slot * W * C;
+                    if (held[slot] != id) {
+                        kernels.grad_y_row(&cv, img, gimg, dst, rr);
+                        held[slot] = id;
+                    }
+                    gy[k] = dst;
+                }
+                kernels.bwd_row(&cv, img, gy, grad_h + i * W * C, part, part + 9 * C,
+                                part + 10 * C, r);
+            }
+            free(ring);
+        }
+    }
+    free(buf);
+    if (failed) return -1;
+    /* In thread order, so that the sums do not depend on which thread finished first. */
+    for (int64_t k = 0; k < 11 * C; ++k) {
+        float s = 0.0f;
+        for (int t = 0; t < used; ++t) s += partials[(int64_t)t * 11 * C + k];
+        if (k < 9 * C) grad_w[k] = s;
+        else if (k < 10 * C) grad_bc[k - 9 * C] = s;
+        else grad_b1[k - 10 * C] = s;
+    }
+    return 0;
+}

@@ -1,0 +1,163 @@
+"""PVTv2's MLP middle, ``GELU(dwconv3x3(h + fc1_bias) + conv_bias)``, as one CPU kernel.
+
+On a CPU the depthwise convolution and GELU of PVTv2's MLP are bound by memory traffic over
+the block's widest tensor (``mlp_ratio`` times the channels), not by arithmetic. Layer by
+layer, the forward pass writes the convolution's output, reads it back for GELU and writes
+GELU's; the backward pass reads GELU's input and gradient, writes the convolution's
+gradient and reads it twice more. The C kernel in ``csrc/dwconv_gelu.c`` reads ``h`` once
+and writes the activation once; its backward reads ``h`` and the incoming gradient once,
+recomputes the pre-activation row by row in cache instead of storing it, and writes
+``h``'s gradient once, with the weight and bias gradients summed on the way.
+
+It covers float32 CPU tensors outside autocast, channels last (a contiguous ``(B, H*W, C)``
+sequence, as fc1 writes it). Everything else (CUDA, bfloat16/float16 autocast, float64, a
+build without the kernel) takes the layer-by-layer path in mmpvt/models/pvt.py, which
+computes the same function. The kernel is registered as the custom op
+``mmpvt::dwconv_gelu`` with its own backward, so ``torch.compile`` sees one opaque node and
+no graph break.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+_HERE = Path(__file__).parent
+
+
+def _load_library() -> ctypes.CDLL | None:
+    """The compiled kernel that setup.py builds next to this file, or None when absent."""
+    for path in sorted(_HERE.glob('_dwconv_gelu*.so')):
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.mmpvt_dwconv_gelu_forward.argtypes = [ptr] * 5 + [i64] * 5
+        lib.mmpvt_dwconv_gelu_forward.restype = ctypes.c_int
+        lib.mmpvt_dwconv_gelu_backward.argtypes = [ptr] * 10 + [i64] * 5
+        lib.mmpvt_dwconv_gelu_backward.restype = ctypes.c_int
+        lib.mmpvt_dwconv_gelu_isa.restype = ctypes.c_char_p
+        return lib
+    return None
+
+
+_LIB = _load_library()
+_enabled = True
+
+
+def available() -> bool:
+    """Whether the compiled kernel is present (``pip install -e .`` builds it)."""
+    return _LIB is not None
+
+
+def isa() -> str | None:
+    """The instruction set the kernel runs with here: 'avx512', 'avx2', 'base', or None."""
+    return _LIB.mmpvt_dwconv_gelu_isa().decode() if _LIB is not None else None
+
+
+@contextlib.contextmanager
+def enabled(flag: bool) -> Iterator[None]:
+    """Turns the fused kernel on or off inside the block (for comparisons and tests)."""
+    global _enabled
+    previous, _enabled = _enabled, flag
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def applies(h: torch.Tensor) -> bool:
+    """Whether ``h`` (fc1's output without its bias, ``(B, H*W, C)``) can take the kernel."""
+    return (_enabled and _LIB is not None and h.device.type == 'cpu' and h.dtype == torch.float32
+            and h.is_contiguous() and not torch.is_autocast_enabled('cpu'))
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError('mmpvt::dwconv_gelu: the kernel could not allocate its buffers')
+
+
+@torch.library.custom_op('mmpvt::dwconv_gelu', mutates_args=())
+def _dwconv_gelu(h: torch.Tensor, height: int, width: int, taps: torch.Tensor,
+                 fc1_bias: torch.Tensor | None, conv_bias: torch.Tensor | None) -> torch.Tensor:
+    out = torch.empty_like(h)
+    _check(_LIB.mmpvt_dwconv_gelu_forward(
+        _ptr(h), _ptr(fc1_bias), _ptr(taps), _ptr(conv_bias), _ptr(out),
+        h.shape[0], height, width, h.shape[2], torch.get_num_threads()))
+    return out
+
+
+@_dwconv_gelu.register_fake
+def _(h, height, width, taps, fc1_bias, conv_bias):
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op('mmpvt::dwconv_gelu_backward', mutates_args=())
+def _dwconv_gelu_backward(grad: torch.Tensor, h: torch.Tensor, height: int, width: int,
+                          taps: torch.Tensor, fc1_bias: torch.Tensor | None,
+                          conv_bias: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, _, C = h.shape
+    threads = torch.get_num_threads()
+    grad = grad.contiguous()
+    grad_h = torch.empty_like(h)
+    grad_taps, grad_b1, grad_bc = h.new_empty(9, C), h.new_empty(C), h.new_empty(C)
+    partials = h.new_empty(threads * 11 * C)  # each thread's sums of the 11 (C,) gradients
+    _check(_LIB.mmpvt_dwconv_gelu_backward(
+        _ptr(h), _ptr(grad), _ptr(fc1_bias), _ptr(taps), _ptr(conv_bias), _ptr(grad_h),
+        _ptr(grad_taps), _ptr(grad_bc), _ptr(grad_b1), _ptr(partials), B, height, width, C, threads))
+    return grad_h, grad_taps, grad_b1, grad_bc
+
+
+@_dwconv_gelu_backward.register_fake
+def _(grad, h, height, width, taps, fc1_bias, conv_bias):
+    C = h.shape[-1]
+    return torch.empty_like(h), h.new_empty(9, C), h.new_empty(C), h.new_empty(C)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    h, height, width, taps, fc1_bias, conv_bias = inputs
+    ctx.hw = (height, width)
+    ctx.has_bias = (fc1_bias is not None, conv_bias is not None)
+    ctx.save_for_backward(h, taps, fc1_bias, conv_bias)
+
+
+def _backward(ctx, grad: torch.Tensor):
+    h, taps, fc1_bias, conv_bias = ctx.saved_tensors
+    grad_h, grad_taps, grad_b1, grad_bc = _dwconv_gelu_backward(grad, h, *ctx.hw, taps, fc1_bias,
+                                                                conv_bias)
+    return (grad_h, None, None, grad_taps, grad_b1 if ctx.has_bias[0] else None,
+            grad_bc if ctx.has_bias[1] else None)
+
+
+_dwconv_gelu.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dwconv_gelu(h: torch.Tensor, hw: tuple[int, int], weight: torch.Tensor,
+                fc1_bias: torch.Tensor | None, conv_bias: torch.Tensor | None) -> torch.Tensor:
+    """``GELU(conv2d(h + fc1_bias, weight, conv_bias, padding=1, groups=C))`` in one pass.
+
+    Args:
+        h: ``(B, H*W, C)`` float32 CPU tokens, contiguous: fc1's output without its bias.
+        hw: the map's ``(H, W)``.
+        weight: the depthwise kernel, ``(C, 1, 3, 3)``.
+        fc1_bias: added to the map before the convolution (not to its zero padding); or None.
+        conv_bias: the convolution's bias; or None.
+
+    Returns:
+        ``(B, H*W, C)``: the activation, as the layers applied one by one compute it.
+    """
+    B, N, C = h.shape
+    if N != hw[0] * hw[1] or tuple(weight.shape) != (C, 1, 3, 3):
+        raise ValueError(f'dwconv_gelu: tokens {tuple(h.shape)}, map {tuple(hw)} and weight '
+                         f'{tuple(weight.shape)} disagree; expected (B, H*W, C) and (C, 1, 3, 3)')
+    taps = weight.reshape(C, 9).t().contiguous()  # (9, C): the channel loops read contiguously
+    return _dwconv_gelu(h, int(hw[0]), int(hw[1]), taps, fc1_bias, conv_bias)
