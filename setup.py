@@ -13,7 +13,7 @@ VERSION = re.search(r"__version__ = '([^']+)'", (HERE / 'mmpvt' / 'version.py').
 DWCONV_GELU = Extension(
     'mmpvt.ops._dwconv_gelu',
     sources=['mmpvt/ops/csrc/dwconv_gelu.c'],
-    depends=['mmpvt/ops/csrc/dwconv_gelu_rows.h'],
+    depends=['mmpvt/ops/csrc/dwconv_gelu_rows.h', 'mmpvt/ops/csrc/dwconv_gelu_dtypes.h'],
     extra_compile_args=['-O3', '-std=c11', '-fopenmp', '-fno-math-errno', '-Wall'],
     extra_link_args=['-fopenmp'],
 )

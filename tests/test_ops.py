@@ -66,6 +66,31 @@ def test_fused_mlp_matches_the_layers_in_float64(shape, biases):
         assert relative_error(grads[name], ref_grads[name]) < 1e-5, name
 
 
+@pytest.mark.parametrize('shape', [(2, 1, 1, 8, 16), (2, 7, 9, 16, 64), (2, 37, 23, 8, 2048)],
+                         ids=lambda s: 'B{}-{}x{}-C{}-hidden{}'.format(*s))
+def test_fused_mlp_under_bfloat16_autocast_is_as_close_to_float64_as_the_layers(shape):
+    """Under CPU autocast the maps are bfloat16 (the kernel computes in float32 and rounds
+    once); its error against float64 stays within the layers' own bfloat16 error."""
+    torch.manual_seed(0)
+    B, H, W, C, hidden = shape
+    mlp = make_mlp(C, hidden)
+    reference = make_mlp(C, hidden).double()
+    reference.load_state_dict(mlp.state_dict())
+    x, grad = torch.randn(B, H * W, C), torch.randn(B, H * W, C)
+    results = {}
+    for fused in (True, False):
+        with dwconv_gelu.enabled(fused), torch.autocast('cpu', dtype=torch.bfloat16):
+            results[fused] = run_mlp(mlp, x, (H, W), grad.bfloat16())
+    with dwconv_gelu.enabled(False):
+        ref_out, ref_grads = run_mlp(reference, x.double(), (H, W), grad.double())
+    (out, grads), (layers_out, layers_grads) = results[True], results[False]
+    assert out.dtype == torch.bfloat16
+    assert relative_error(out, ref_out) < max(1.5 * relative_error(layers_out, ref_out), 8e-3)
+    for name in ref_grads:
+        bound = max(1.5 * relative_error(layers_grads[name], ref_grads[name]), 1e-2)
+        assert relative_error(grads[name], ref_grads[name]) < bound, name
+
+
 def test_the_mlp_takes_the_kernel_exactly_where_it_applies(monkeypatch):
     calls = []
     op = dwconv_gelu._dwconv_gelu
@@ -73,14 +98,15 @@ def test_the_mlp_takes_the_kernel_exactly_where_it_applies(monkeypatch):
     mlp = make_mlp(8, 32)
     x = torch.randn(2, 12, 8)
     mlp(x, (3, 4))
-    assert len(calls) == 1
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # bfloat16 maps: the kernel
+        assert mlp(x, (3, 4)).dtype == torch.bfloat16
+    assert len(calls) == 2
     with dwconv_gelu.enabled(False):
         mlp(x, (3, 4))
+    with torch.autocast('cpu', dtype=torch.float16):  # float16 maps: the layers
+        assert mlp(x, (3, 4)).dtype == torch.float16
     mlp.double()(x.double(), (3, 4))  # float64: the layers
-    mlp.float()
-    with torch.autocast('cpu', dtype=torch.bfloat16):  # autocast: the layers, in bfloat16
-        assert mlp(x, (3, 4)).dtype == torch.bfloat16
-    assert len(calls) == 1
+    assert len(calls) == 2
     assert not dwconv_gelu.applies(torch.randn(2, 8, 12).transpose(1, 2))  # not contiguous
 
 

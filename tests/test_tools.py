@@ -7,6 +7,8 @@ printing, not to learn anything.
 import os
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -294,3 +296,31 @@ def test_slurm_scripts_pass_the_job_to_srun(workspace, tmp_path):
     out = run([TOOLS / 'slurm_test.sh', 'part', 'job', CONFIGS['retinanet'], tmp_path / 'none.pth'],
               cwd=workspace, env=env)
     assert out.returncode != 0 and f'checkpoint not found: {tmp_path / "none.pth"}' in out.stderr
+
+
+PAGE_FAULTS_OF_A_REUSED_BLOCK = '''
+import resource, sys, torch
+from mmpvt.apis import keep_freed_memory
+kept = sys.argv[1] == "keep" and keep_freed_memory()
+def cycle():  # a 64 MiB block, above glibc's largest mmap threshold, written then freed
+    torch.ones(64 << 18).sum()
+for _ in range(3):  # as the first training steps: the heap reaches its high-water mark
+    cycle()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+cycle()
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+'''
+
+
+@pytest.mark.skipif(os.confstr('CS_GNU_LIBC_VERSION') is None, reason='glibc only')
+@pytest.mark.parametrize('mode', ['keep', 'default', 'opted-out'])
+def test_keep_freed_memory_reuses_a_freed_block_without_page_faults(mode):
+    """A 64 MiB block allocated again after three rounds: faulted in page by page each time
+    by default (about 16k faults), served by freed memory with keep_freed_memory()."""
+    env = {**os.environ, 'MMPVT_KEEP_FREED_MEMORY': '0' if mode == 'opted-out' else '1'}
+    out = subprocess.run([sys.executable, '-c', PAGE_FAULTS_OF_A_REUSED_BLOCK,
+                          'default' if mode == 'default' else 'keep'],
+                         capture_output=True, text=True, check=True, env=env).stdout.split()
+    kept, faults = out[0] == 'True', int(out[1])
+    assert kept == (mode == 'keep')
+    assert faults < 1000 if kept else faults > 10000

@@ -26,11 +26,12 @@ from .launch import (
     parse_metrics,
     setup_distributed,
 )
+from .memory import keep_freed_memory
 
 __all__ = [
     'add_dump', 'add_resume_hooks', 'add_run_arguments', 'apply_resume', 'check_cfg_options',
     'check_data', 'check_file', 'cpu_has_fast_bf16', 'CPUAmpOptimWrapper', 'default_work_dir',
     'enable_amp', 'enable_auto_scale_lr', 'enable_show_dir', 'explain_data_error',
-    'explain_data_errors', 'format_metrics', 'is_main_process', 'LaunchError', 'load_config',
-    'load_run_config', 'parse_metrics', 'setup_distributed',
+    'explain_data_errors', 'format_metrics', 'is_main_process', 'keep_freed_memory', 'LaunchError',
+    'load_config', 'load_run_config', 'parse_metrics', 'setup_distributed',
 ]

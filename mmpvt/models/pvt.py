@@ -169,7 +169,7 @@ class Mlp(nn.Module):
     def _dwconv_of_fc1(self, h: torch.Tensor, hw: HW) -> torch.Tensor:
         """``dwconv(h + fc1.bias)`` for ``h = x @ fc1.weight.T``: the bias carried by the convolution.
 
-        The layer-by-layer path, where mmpvt.ops.dwconv_gelu does not apply (CUDA, autocast,
+        The layer-by-layer path, where mmpvt.ops.dwconv_gelu does not apply (CUDA, float16,
         float64).
 
         ``fc1`` writes the widest tensor of the block (``mlp_ratio`` times the channels), and

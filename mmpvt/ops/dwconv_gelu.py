@@ -9,8 +9,9 @@ and writes the activation once; its backward reads ``h`` and the incoming gradie
 recomputes the pre-activation row by row in cache instead of storing it, and writes
 ``h``'s gradient once, with the weight and bias gradients summed on the way.
 
-It covers float32 CPU tensors outside autocast, channels last (a contiguous ``(B, H*W, C)``
-sequence, as fc1 writes it). Everything else (CUDA, bfloat16/float16 autocast, float64, a
+It covers float32 and bfloat16 (CPU autocast) CPU tensors, channels last (a contiguous
+``(B, H*W, C)`` sequence, as fc1 writes it); the arithmetic is float32 either way, and
+bfloat16 results are rounded to nearest even. Everything else (CUDA, float16, float64, a
 build without the kernel) takes the layer-by-layer path in mmpvt/models/pvt.py, which
 computes the same function. The kernel is registered as the custom op
 ``mmpvt::dwconv_gelu`` with its own backward, so ``torch.compile`` sees one opaque node and
@@ -36,9 +37,9 @@ def _load_library() -> ctypes.CDLL | None:
         except OSError:
             continue
         ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.mmpvt_dwconv_gelu_forward.argtypes = [ptr] * 5 + [i64] * 5
+        lib.mmpvt_dwconv_gelu_forward.argtypes = [ptr] * 5 + [i64] * 6
         lib.mmpvt_dwconv_gelu_forward.restype = ctypes.c_int
-        lib.mmpvt_dwconv_gelu_backward.argtypes = [ptr] * 10 + [i64] * 5
+        lib.mmpvt_dwconv_gelu_backward.argtypes = [ptr] * 10 + [i64] * 6
         lib.mmpvt_dwconv_gelu_backward.restype = ctypes.c_int
         lib.mmpvt_dwconv_gelu_isa.restype = ctypes.c_char_p
         return lib
@@ -47,6 +48,8 @@ def _load_library() -> ctypes.CDLL | None:
 
 _LIB = _load_library()
 _enabled = True
+# The kernel's dtype codes for the maps; parameters and sums are always float32.
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 def available() -> bool:
@@ -72,8 +75,8 @@ def enabled(flag: bool) -> Iterator[None]:
 
 def applies(h: torch.Tensor) -> bool:
     """Whether ``h`` (fc1's output without its bias, ``(B, H*W, C)``) can take the kernel."""
-    return (_enabled and _LIB is not None and h.device.type == 'cpu' and h.dtype == torch.float32
-            and h.is_contiguous() and not torch.is_autocast_enabled('cpu'))
+    return (_enabled and _LIB is not None and h.device.type == 'cpu' and h.dtype in _DTYPES
+            and h.is_contiguous())
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -81,6 +84,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _check(status: int) -> None:
+    if status == -2:
+        raise TypeError('mmpvt::dwconv_gelu: maps must be float32 or bfloat16')
     if status != 0:
         raise MemoryError('mmpvt::dwconv_gelu: the kernel could not allocate its buffers')
 
@@ -91,7 +96,7 @@ def _dwconv_gelu(h: torch.Tensor, height: int, width: int, taps: torch.Tensor,
     out = torch.empty_like(h)
     _check(_LIB.mmpvt_dwconv_gelu_forward(
         _ptr(h), _ptr(fc1_bias), _ptr(taps), _ptr(conv_bias), _ptr(out),
-        h.shape[0], height, width, h.shape[2], torch.get_num_threads()))
+        h.shape[0], height, width, h.shape[2], _DTYPES.get(h.dtype, -1), torch.get_num_threads()))
     return out
 
 
@@ -107,20 +112,21 @@ def _dwconv_gelu_backward(grad: torch.Tensor, h: torch.Tensor, height: int, widt
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     B, _, C = h.shape
     threads = torch.get_num_threads()
-    grad = grad.contiguous()
+    grad = grad.to(h.dtype).contiguous()
     grad_h = torch.empty_like(h)
-    grad_taps, grad_b1, grad_bc = h.new_empty(9, C), h.new_empty(C), h.new_empty(C)
-    partials = h.new_empty(threads * 11 * C)  # each thread's sums of the 11 (C,) gradients
+    grad_taps, grad_b1, grad_bc = taps.new_empty(9, C), taps.new_empty(C), taps.new_empty(C)
+    partials = taps.new_empty(threads * 11 * C)  # each thread's sums of the 11 (C,) gradients
     _check(_LIB.mmpvt_dwconv_gelu_backward(
         _ptr(h), _ptr(grad), _ptr(fc1_bias), _ptr(taps), _ptr(conv_bias), _ptr(grad_h),
-        _ptr(grad_taps), _ptr(grad_bc), _ptr(grad_b1), _ptr(partials), B, height, width, C, threads))
+        _ptr(grad_taps), _ptr(grad_bc), _ptr(grad_b1), _ptr(partials), B, height, width, C,
+        _DTYPES.get(h.dtype, -1), threads))
     return grad_h, grad_taps, grad_b1, grad_bc
 
 
 @_dwconv_gelu_backward.register_fake
 def _(grad, h, height, width, taps, fc1_bias, conv_bias):
     C = h.shape[-1]
-    return torch.empty_like(h), h.new_empty(9, C), h.new_empty(C), h.new_empty(C)
+    return torch.empty_like(h), taps.new_empty(9, C), taps.new_empty(C), taps.new_empty(C)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -146,7 +152,8 @@ def dwconv_gelu(h: torch.Tensor, hw: tuple[int, int], weight: torch.Tensor,
     """``GELU(conv2d(h + fc1_bias, weight, conv_bias, padding=1, groups=C))`` in one pass.
 
     Args:
-        h: ``(B, H*W, C)`` float32 CPU tokens, contiguous: fc1's output without its bias.
+        h: ``(B, H*W, C)`` float32 or bfloat16 CPU tokens, contiguous: fc1's output without
+            its bias.
         hw: the map's ``(H, W)``.
         weight: the depthwise kernel, ``(C, 1, 3, 3)``.
         fc1_bias: added to the map before the convolution (not to its zero padding); or None.
@@ -159,5 +166,9 @@ def dwconv_gelu(h: torch.Tensor, hw: tuple[int, int], weight: torch.Tensor,
     if N != hw[0] * hw[1] or tuple(weight.shape) != (C, 1, 3, 3):
         raise ValueError(f'dwconv_gelu: tokens {tuple(h.shape)}, map {tuple(hw)} and weight '
                          f'{tuple(weight.shape)} disagree; expected (B, H*W, C) and (C, 1, 3, 3)')
-    taps = weight.reshape(C, 9).t().contiguous()  # (9, C): the channel loops read contiguously
+    # (9, C): the channel loops read contiguously. Parameters enter in float32 whatever the
+    # maps' dtype (bfloat16 under autocast), as autocast would keep them.
+    taps = weight.reshape(C, 9).t().float().contiguous()
+    fc1_bias = None if fc1_bias is None else fc1_bias.float()
+    conv_bias = None if conv_bias is None else conv_bias.float()
     return _dwconv_gelu(h, int(hw[0]), int(hw[1]), taps, fc1_bias, conv_bias)

@@ -3,6 +3,8 @@
     python tools/analysis/benchmark_backbone.py --arch b2 --shape 1 3 800 1344 --dtype bf16
     python tools/analysis/benchmark_backbone.py --arch b2 --shape 2 3 512 512 --mode train --memory
     python tools/analysis/benchmark_backbone.py --arch b2 --shape 1 3 800 1333 --detector
+    python tools/analysis/benchmark_backbone.py --arch b2 --shape 2 3 512 512 --mode train \
+        --keep-freed-memory --op-times
 
 The implementations run interleaved (A B C A B C ...) after warm-up, so that drift of a
 shared machine hits all of them alike; the table reports each one's median and spread,
@@ -10,11 +12,14 @@ its time relative to mmpvt, its achieved GFLOP/s next to the machine's GEMM thro
 for the same dtype (measured in the same run), and, with ``--memory``, the peak memory of
 one step measured in a fresh process per implementation. Weights are random: speed does
 not depend on them. ``--detector`` times a whole RetinaNet (mmdet's PVTv2-b2 config) with
-mmpvt's backbone against the same detector with mmdet's built-in one.
+mmpvt's backbone against the same detector with mmdet's built-in one. ``--op-times`` adds
+each implementation's time per operator, ``--keep-freed-memory`` runs all of them with glibc
+keeping freed memory (no page faults; docs/benchmarks.md says why both are reported).
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -28,6 +33,7 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmpvt.models.pvt import PVT_ARCHS, PVTV2_ARCHS
@@ -188,6 +194,42 @@ def memory_probe(args: argparse.Namespace) -> None:
     print(json.dumps({'peak_mb': peak / 2 ** 20}))
 
 
+class OpTimer(TorchDispatchMode):
+    """Wall time of every ATen operator a step dispatches, summed by operator name.
+
+    Timed at the dispatcher, around each call: torch.profiler's self times were unreliable
+    on this kind of machine (a GEMM's time attributed several times over).
+    """
+
+    def __init__(self, totals: collections.Counter) -> None:
+        super().__init__()
+        self.totals = totals
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        self.totals[func.overloadpacket.__name__] += time.perf_counter() - start
+        return out
+
+
+def op_times_table(rows: dict[str, dict[str, Any]], repeat: int, top: int = 15) -> str:
+    """Per-operator milliseconds per step of each eager row, timed interleaved."""
+    eager = {label: row for label, row in rows.items() if row['eager']}
+    totals = {label: collections.Counter() for label in eager}
+    for _ in range(repeat):
+        for label, row in eager.items():
+            with OpTimer(totals[label]):
+                row['step']()
+    names = sorted(set().union(*totals.values()), key=lambda n: -max(t[n] for t in totals.values()))
+    lines = ['| operator | ' + ' | '.join(eager) + ' |', '|---|' + '---|' * len(eager)]
+    for name in names[:top]:
+        lines.append(f'| {name} | ' + ' | '.join(f'{1e3 * totals[label][name] / repeat:.1f}'
+                                                 for label in eager) + ' |')
+    lines.append('| all operators | ' + ' | '.join(f'{1e3 * sum(t.values()) / repeat:.1f}'
+                                                   for t in totals.values()) + ' |')
+    return '\n'.join(lines)
+
+
 def run(args: argparse.Namespace) -> str:
     torch.manual_seed(0)
     names = [n for n in (['mmpvt', 'mmdet'] if args.detector else list(BUILDERS)) if n in args.impls]
@@ -250,6 +292,8 @@ def run(args: argparse.Namespace) -> str:
         if args.memory:
             line += f' {row["memory"]:.0f} |' if 'memory' in row else ' - |'
         lines.append(line)
+    if args.op_times:
+        lines += ['', op_times_table(rows, args.repeat)]
     return '\n'.join(lines)
 
 
@@ -273,6 +317,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--repeat', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
+    parser.add_argument('--op-times', action='store_true',
+                        help='also time every operator at the dispatcher and print a table of the '
+                             'largest, per implementation (ms per step)')
+    parser.add_argument('--keep-freed-memory', action='store_true',
+                        help='CPU: glibc keeps freed memory for reuse, as tools/train.py sets it '
+                             '(for every implementation alike; not in the --memory probes)')
     parser.add_argument('--memory-probe', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.shape = args.shape or [[1, 3, 800, 1344]]
@@ -288,8 +338,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_probe:
         memory_probe(args)
         return
+    allocator = 'glibc default'
+    if args.keep_freed_memory:
+        from mmpvt.apis import keep_freed_memory
+        allocator = 'freed memory kept' if keep_freed_memory() else 'glibc default (setting refused)'
     print(f'machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, '
-          f'torch {torch.__version__}')
+          f'torch {torch.__version__}, malloc: {allocator}')
     print(run(args))
 
 

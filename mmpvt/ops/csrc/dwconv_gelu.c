@@ -34,7 +34,7 @@ typedef struct {
     const float *w;     /* (9, C) taps */
     const float *b1;    /* (C) fc1's bias, or zeros */
     const float *cb;    /* (16, C): conv bias + fc1 bias through the taps inside the map */
-    const float *zeros; /* (C) zeros: what a tap on the padding reads */
+    const float *zeros; /* (C) zeros: what a tap on the padding reads (as float or bf16) */
     int64_t H, W, C;
 } Conv;
 
@@ -44,7 +44,7 @@ typedef struct {
 #define CONV_ROW(cv, img, r, BODY)                                                          \
     do {                                                                                        \
         const int64_t H_ = (cv)->H, W_ = (cv)->W, C = (cv)->C;                                  \
-        const float *rows_[3] = {(r) > 0 ? (img) + ((r) - 1) * W_ * C : NULL,                  \
+        const ELEM *rows_[3] = {(r) > 0 ? (img) + ((r) - 1) * W_ * C : NULL,                  \
                                  (img) + (r) * W_ * C,                                          \
                                  (r) < H_ - 1 ? (img) + ((r) + 1) * W_ * C : NULL};             \
         const float *restrict w0 = (cv)->w, *restrict w1 = w0 + C, *restrict w2 = w1 + C,      \
@@ -52,24 +52,26 @@ typedef struct {
                               *restrict w5 = w4 + C, *restrict w6 = w5 + C,                    \
                               *restrict w7 = w6 + C, *restrict w8 = w7 + C;                    \
         for (int64_t x = 0; x < W_; ++x) {                                                      \
-            const float *p_[9];                                                                 \
+            const ELEM *p_[9];                                                                  \
             for (int dy = 0; dy < 3; ++dy)                                                      \
                 for (int dx = 0; dx < 3; ++dx) {                                                \
                     const int64_t xx = x + dx - 1;                                              \
                     p_[dy * 3 + dx] = (rows_[dy] != NULL && xx >= 0 && xx < W_)                 \
-                                          ? rows_[dy] + xx * C : (cv)->zeros;                  \
+                                          ? rows_[dy] + xx * C : (const ELEM *)(cv)->zeros;    \
                 }                                                                               \
             const int case_ = (rows_[0] != NULL) | (rows_[2] != NULL) << 1 | (x > 0) << 2      \
                               | (x < W_ - 1) << 3;                                              \
             const float *restrict cb = (cv)->cb + case_ * C;                                    \
-            const float *restrict p0 = p_[0], *restrict p1 = p_[1], *restrict p2 = p_[2],       \
-                              *restrict p3 = p_[3], *restrict p4 = p_[4],                      \
-                              *restrict p5 = p_[5], *restrict p6 = p_[6],                      \
-                              *restrict p7 = p_[7], *restrict p8 = p_[8];                      \
+            const ELEM *restrict p0 = p_[0], *restrict p1 = p_[1], *restrict p2 = p_[2],        \
+                             *restrict p3 = p_[3], *restrict p4 = p_[4],                       \
+                             *restrict p5 = p_[5], *restrict p6 = p_[6],                       \
+                             *restrict p7 = p_[7], *restrict p8 = p_[8];                       \
             _Pragma("omp simd") for (int64_t c = 0; c < C; ++c) {                               \
-                const float v = cb[c] + w0[c] * p0[c] + w1[c] * p1[c] + w2[c] * p2[c]           \
-                                + w3[c] * p3[c] + w4[c] * p4[c] + w5[c] * p5[c]                 \
-                                + w6[c] * p6[c] + w7[c] * p7[c] + w8[c] * p8[c];                \
+                const float v = cb[c] + w0[c] * LOAD(p0[c]) + w1[c] * LOAD(p1[c])               \
+                                + w2[c] * LOAD(p2[c]) + w3[c] * LOAD(p3[c])                     \
+                                + w4[c] * LOAD(p4[c]) + w5[c] * LOAD(p5[c])                     \
+                                + w6[c] * LOAD(p6[c]) + w7[c] * LOAD(p7[c])                     \
+                                + w8[c] * LOAD(p8[c]);                                          \
                 BODY                                                                            \
             }                                                                                   \
         }                                                                                       \
@@ -77,39 +79,64 @@ typedef struct {
 
 /* One copy of the row kernels per instruction set, picked once at run time by CPU features
  * (not by CPU model, which is what GCC's target_clones("arch=...") tests). */
+/* The maps' element types: float32, and bfloat16 (autocast) as its upper 16 bits. */
+INLINE float bf16_load(uint16_t b) {
+    const uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+INLINE uint16_t bf16_store(float f) { /* round to nearest even, as torch does; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? (uint16_t)0x7FC0 : rounded;
+}
+
+/* One copy of the row kernels per instruction set and dtype, the instruction set picked once
+ * at run time by CPU features (not by CPU model, which GCC's target_clones("arch=...") tests). */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
-#define ISA(name) name##_avx512
-#include "dwconv_gelu_rows.h"
-#undef ISA
+#define ISA_SUFFIX avx512
+#include "dwconv_gelu_dtypes.h"
+#undef ISA_SUFFIX
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-#define ISA(name) name##_avx2
-#include "dwconv_gelu_rows.h"
-#undef ISA
+#define ISA_SUFFIX avx2
+#include "dwconv_gelu_dtypes.h"
+#undef ISA_SUFFIX
 #pragma GCC pop_options
 #define HAVE_X86_VARIANTS 1
 #endif
-#define ISA(name) name##_base
-#include "dwconv_gelu_rows.h"
-#undef ISA
+#define ISA_SUFFIX base
+#include "dwconv_gelu_dtypes.h"
+#undef ISA_SUFFIX
+
+/* The row kernels in use, per dtype: 0 float32, 1 bfloat16. Maps are passed as void *. */
+typedef void (*fwd_row_fn)(const Conv *, const void *, void *, int64_t);
+typedef void (*grad_y_row_fn)(const Conv *, const void *, const void *, float *, int64_t);
+typedef void (*bwd_row_fn)(const Conv *, const void *, const float *const *, void *, float *,
+                           float *, float *, int64_t);
 
 static struct {
-    void (*fwd_row)(const Conv *, const float *, float *, int64_t);
-    void (*grad_y_row)(const Conv *, const float *, const float *, float *, int64_t);
-    void (*bwd_row)(const Conv *, const float *, const float *const *, float *, float *, float *,
-                    float *, int64_t);
+    fwd_row_fn fwd_row[2];
+    grad_y_row_fn grad_y_row[2];
+    bwd_row_fn bwd_row[2];
     const char *name;
 } kernels;
 
-#define USE(isa)                                \
-    do {                                        \
-        kernels.fwd_row = fwd_row_##isa;        \
-        kernels.grad_y_row = grad_y_row_##isa;  \
-        kernels.bwd_row = bwd_row_##isa;        \
-        kernels.name = #isa;                    \
+#define USE(isa)                                                          \
+    do {                                                                  \
+        kernels.fwd_row[0] = (fwd_row_fn)fwd_row_##isa##_f32;             \
+        kernels.fwd_row[1] = (fwd_row_fn)fwd_row_##isa##_bf16;            \
+        kernels.grad_y_row[0] = (grad_y_row_fn)grad_y_row_##isa##_f32;    \
+        kernels.grad_y_row[1] = (grad_y_row_fn)grad_y_row_##isa##_bf16;   \
+        kernels.bwd_row[0] = (bwd_row_fn)bwd_row_##isa##_f32;             \
+        kernels.bwd_row[1] = (bwd_row_fn)bwd_row_##isa##_bf16;            \
+        kernels.name = #isa;                                              \
     } while (0)
 
 static void pick_kernels(void) {
@@ -160,12 +187,19 @@ static float *make_conv(Conv *cv, const float *w, const float *b1, const float *
 /* Threads take contiguous ranges of the B * H rows: neighbours share cached rows of h. */
 static int64_t split(int64_t n, int t, int nt) { return n * t / nt; }
 
+/* Bytes per element of the maps of each dtype code. */
+static const int64_t kElemSize[2] = {4, 2};
+
 /* a = GELU(dwconv3x3(h + b1) + bc) for the B maps (H, W, C), into out (B, H, W, C), on
- * `threads` threads. Returns 0, or -1 when out of memory. */
-int mmpvt_dwconv_gelu_forward(const float *h, const float *b1, const float *w, const float *bc,
-                              float *out, int64_t B, int64_t H, int64_t W, int64_t C,
-                              int64_t threads) {
+ * `threads` threads. Maps h and out are float32 (dtype 0) or bfloat16 (dtype 1); w, b1 and
+ * bc are float32. Returns 0, -1 when out of memory, -2 for an unknown dtype. */
+int mmpvt_dwconv_gelu_forward(const void *h, const float *b1, const float *w, const float *bc,
+                              void *out, int64_t B, int64_t H, int64_t W, int64_t C,
+                              int64_t dtype, int64_t threads) {
+    if (dtype != 0 && dtype != 1) return -2;
     pick_kernels();
+    const int64_t es = kElemSize[dtype];
+    const fwd_row_fn fwd_row = kernels.fwd_row[dtype];
     Conv cv;
     float *buf = make_conv(&cv, w, b1, bc, H, W, C);
     if (buf == NULL) return -1;
@@ -174,22 +208,27 @@ int mmpvt_dwconv_gelu_forward(const float *h, const float *b1, const float *w, c
         const int nt = omp_get_num_threads(), t = omp_get_thread_num();
         const int64_t begin = split(B * H, t, nt), end = split(B * H, t + 1, nt);
         for (int64_t i = begin; i < end; ++i) {
-            kernels.fwd_row(&cv, h + i / H * H * W * C, out + i * W * C, i % H);
+            fwd_row(&cv, (const char *)h + i / H * H * W * C * es, (char *)out + i * W * C * es,
+                    i % H);
         }
     }
     free(buf);
     return 0;
 }
 
-/* Gradients of the forward above given g = dL/da: grad_h (B, H, W, C) and, summed over all
- * pixels, grad_w (9, C), grad_bc (C) and grad_b1 (C). `partials` holds 11 * C floats per
- * thread (at least `threads` of them) for the per-thread sums. Returns 0, or -1 when out
- * of memory. */
-int mmpvt_dwconv_gelu_backward(const float *h, const float *g, const float *b1, const float *w,
-                               const float *bc, float *grad_h, float *grad_w, float *grad_bc,
+/* Gradients of the forward above given g = dL/da: grad_h (B, H, W, C), of the maps' dtype
+ * as h and g, and, summed over all pixels in float32, grad_w (9, C), grad_bc (C) and
+ * grad_b1 (C). `partials` holds 11 * C floats per thread (at least `threads` of them) for
+ * the per-thread sums. Returns 0, -1 when out of memory, -2 for an unknown dtype. */
+int mmpvt_dwconv_gelu_backward(const void *h, const void *g, const float *b1, const float *w,
+                               const float *bc, void *grad_h, float *grad_w, float *grad_bc,
                                float *grad_b1, float *partials, int64_t B, int64_t H, int64_t W,
-                               int64_t C, int64_t threads) {
+                               int64_t C, int64_t dtype, int64_t threads) {
+    if (dtype != 0 && dtype != 1) return -2;
     pick_kernels();
+    const int64_t es = kElemSize[dtype];
+    const grad_y_row_fn grad_y_row = kernels.grad_y_row[dtype];
+    const bwd_row_fn bwd_row = kernels.bwd_row[dtype];
     Conv cv;
     float *buf = make_conv(&cv, w, b1, bc, H, W, C);
     if (buf == NULL) return -1;
@@ -210,7 +249,8 @@ int mmpvt_dwconv_gelu_backward(const float *h, const float *g, const float *b1, 
             const int64_t begin = split(B * H, t, nt), end = split(B * H, t + 1, nt);
             for (int64_t i = begin; i < end; ++i) {
                 const int64_t b = i / H, r = i % H;
-                const float *img = h + b * H * W * C, *gimg = g + b * H * W * C;
+                const char *img = (const char *)h + b * H * W * C * es;
+                const char *gimg = (const char *)g + b * H * W * C * es;
                 const float *gy[3];
                 for (int k = 0; k < 3; ++k) {
                     const int64_t rr = r + k - 1, id = b * H + rr, slot = id % 3;
@@ -218,13 +258,13 @@ int mmpvt_dwconv_gelu_backward(const float *h, const float *g, const float *b1, 
                     if (rr < 0 || rr >= H) continue;
                     float *dst = ring + slot * W * C;
                     if (held[slot] != id) {
-                        kernels.grad_y_row(&cv, img, gimg, dst, rr);
+                        grad_y_row(&cv, img, gimg, dst, rr);
                         held[slot] = id;
                     }
                     gy[k] = dst;
                 }
-                kernels.bwd_row(&cv, img, gy, grad_h + i * W * C, part, part + 9 * C,
-                                part + 10 * C, r);
+                bwd_row(&cv, img, gy, (char *)grad_h + i * W * C * es, part, part + 9 * C,
+                        part + 10 * C, r);
             }
             free(ring);
         }

@@ -1,6 +1,8 @@
-/* The per-row kernels of dwconv_gelu.c, compiled once per instruction set: that file
- * includes this one several times, each time with ISA(name) naming the copy and a
- * `#pragma GCC target` in force, so that the channel loops vectorise to that width.
+/* The per-row kernels of dwconv_gelu.c, compiled once per instruction set and map dtype:
+ * dwconv_gelu_dtypes.h includes this one for each, with ISA(name) naming the copy,
+ * ELEM the maps' element type with LOAD/STORE converting it to and from float, and a
+ * `#pragma GCC target` in force, so that the channel loops vectorise to that width. All
+ * arithmetic is float32; parameters, sums and the gy rows are float32 whatever ELEM is.
  *
  * Every channel loop reads its nine taps through nine pointers, each at a pixel of the map
  * or, for a tap that falls on the zero padding, at a row of zeros: no branch inside the
@@ -37,29 +39,29 @@ INLINE float ISA(normal_cdf)(float y, float e) {
 }
 
 /* Forward of row r: a = GELU(conv(h)), into the (W, C) row a_row. */
-static void ISA(fwd_row)(const Conv *cv, const float *img, float *out_row, int64_t r) {
-    float *restrict a_row = out_row;
+static void ISA(fwd_row)(const Conv *cv, const ELEM *img, ELEM *out_row, int64_t r) {
+    ELEM *restrict a_row = out_row;
     CONV_ROW(cv, img, r, {
-        a_row[x * C + c] = v * ISA(normal_cdf)(v, ISA(exp_neg)(-0.5f * v * v));
+        a_row[x * C + c] = STORE(v * ISA(normal_cdf)(v, ISA(exp_neg)(-0.5f * v * v)));
     });
 }
 
 /* gy = g * GELU'(conv(h)) of row r: the conv's output gradient, into the row buffer gy. */
-static void ISA(grad_y_row)(const Conv *cv, const float *img, const float *g, float *gy, int64_t r) {
-    const float *restrict g_row = g + r * cv->W * cv->C;
+static void ISA(grad_y_row)(const Conv *cv, const ELEM *img, const ELEM *g, float *gy, int64_t r) {
+    const ELEM *restrict g_row = g + r * cv->W * cv->C;
     float *restrict gy_row = gy;
     CONV_ROW(cv, img, r, {
         const float e = ISA(exp_neg)(-0.5f * v * v);
-        gy_row[x * C + c] = g_row[x * C + c] * (ISA(normal_cdf)(v, e) + v * kInvSqrt2Pi * e);
+        gy_row[x * C + c] = LOAD(g_row[x * C + c]) * (ISA(normal_cdf)(v, e) + v * kInvSqrt2Pi * e);
     });
 }
 
 /* Row r of h's gradient (the transposed conv of gy), into the (W, C) row grad_row, and its
  * share of the parameter gradients. gy_rows[k] is gy of row r + k - 1, NULL outside the map. */
-static void ISA(bwd_row)(const Conv *cv, const float *img, const float *const *gy_rows,
-                         float *grad_row, float *gw, float *gbc, float *gb1, int64_t r) {
+static void ISA(bwd_row)(const Conv *cv, const ELEM *img, const float *const *gy_rows,
+                         ELEM *grad_row, float *gw, float *gbc, float *gb1, int64_t r) {
     const int64_t H = cv->H, W = cv->W, C = cv->C;
-    const float *h_rows[3] = {r > 0 ? img + (r - 1) * W * C : NULL, img + r * W * C,
+    const ELEM *h_rows[3] = {r > 0 ? img + (r - 1) * W * C : NULL, img + r * W * C,
                               r < H - 1 ? img + (r + 1) * W * C : NULL};
     const float *restrict w0 = cv->w, *restrict w1 = w0 + C, *restrict w2 = w1 + C,
                           *restrict w3 = w2 + C, *restrict w4 = w3 + C, *restrict w5 = w4 + C,
@@ -71,19 +73,21 @@ static void ISA(bwd_row)(const Conv *cv, const float *img, const float *const *g
     for (int64_t x = 0; x < W; ++x) {
         /* Tap t = (dy, dx): the output at (r - dy, x - dx) read h here, and the output here
          * read h at (r + dy, x + dx). */
-        const float *q[9], *hp[9], *bp[9];
+        const float *q[9], *bp[9];
+        const ELEM *hp[9];
         for (int dy = 0; dy < 3; ++dy)
             for (int dx = 0; dx < 3; ++dx) {
                 const int t = dy * 3 + dx;
                 const int64_t xs = x - dx + 1, xh = x + dx - 1;
-                const float *src = gy_rows[2 - dy], *hrow = h_rows[dy];
+                const float *src = gy_rows[2 - dy];
+                const ELEM *hrow = h_rows[dy];
                 q[t] = (src != NULL && xs >= 0 && xs < W) ? src + xs * C : cv->zeros;
                 const int inside = hrow != NULL && xh >= 0 && xh < W;
-                hp[t] = inside ? hrow + xh * C : cv->zeros;
+                hp[t] = inside ? hrow + xh * C : (const ELEM *)cv->zeros;
                 bp[t] = inside ? cv->b1 : cv->zeros;
             }
         const float *restrict gyc = gy_rows[1] + x * C;
-        float *restrict gh = grad_row + x * C;
+        ELEM *restrict gh = grad_row + x * C;
         {
             const float *restrict q0 = q[0], *restrict q1 = q[1], *restrict q2 = q[2],
                                   *restrict q3 = q[3], *restrict q4 = q[4], *restrict q5 = q[5],
@@ -93,30 +97,30 @@ static void ISA(bwd_row)(const Conv *cv, const float *img, const float *const *g
                 const float s = w0[c] * q0[c] + w1[c] * q1[c] + w2[c] * q2[c] + w3[c] * q3[c]
                                 + w4[c] * q4[c] + w5[c] * q5[c] + w6[c] * q6[c] + w7[c] * q7[c]
                                 + w8[c] * q8[c];
-                gh[c] = s;
+                gh[c] = STORE(s);
                 sum_b1[c] += s;
                 sum_bc[c] += gyc[c];
             }
         }
         {
-            const float *restrict h0 = hp[0], *restrict h1 = hp[1], *restrict h2 = hp[2],
-                                  *restrict h3 = hp[3], *restrict h4 = hp[4], *restrict h5 = hp[5],
-                                  *restrict h6 = hp[6], *restrict h7 = hp[7], *restrict h8 = hp[8];
+            const ELEM *restrict h0 = hp[0], *restrict h1 = hp[1], *restrict h2 = hp[2],
+                                 *restrict h3 = hp[3], *restrict h4 = hp[4], *restrict h5 = hp[5],
+                                 *restrict h6 = hp[6], *restrict h7 = hp[7], *restrict h8 = hp[8];
             const float *restrict b0 = bp[0], *restrict b1 = bp[1], *restrict b2 = bp[2],
                                   *restrict b3 = bp[3], *restrict b4 = bp[4], *restrict b5 = bp[5],
                                   *restrict b6 = bp[6], *restrict b7 = bp[7], *restrict b8 = bp[8];
 #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 const float d = gyc[c];
-                g0[c] += d * (h0[c] + b0[c]);
-                g1[c] += d * (h1[c] + b1[c]);
-                g2[c] += d * (h2[c] + b2[c]);
-                g3[c] += d * (h3[c] + b3[c]);
-                g4[c] += d * (h4[c] + b4[c]);
-                g5[c] += d * (h5[c] + b5[c]);
-                g6[c] += d * (h6[c] + b6[c]);
-                g7[c] += d * (h7[c] + b7[c]);
-                g8[c] += d * (h8[c] + b8[c]);
+                g0[c] += d * (LOAD(h0[c]) + b0[c]);
+                g1[c] += d * (LOAD(h1[c]) + b1[c]);
+                g2[c] += d * (LOAD(h2[c]) + b2[c]);
+                g3[c] += d * (LOAD(h3[c]) + b3[c]);
+                g4[c] += d * (LOAD(h4[c]) + b4[c]);
+                g5[c] += d * (LOAD(h5[c]) + b5[c]);
+                g6[c] += d * (LOAD(h6[c]) + b6[c]);
+                g7[c] += d * (LOAD(h7[c]) + b7[c]);
+                g8[c] += d * (LOAD(h8[c]) + b8[c]);
             }
         }
     }
