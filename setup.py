@@ -8,7 +8,7 @@ HERE = Path(__file__).parent
 VERSION = re.search(r"__version__ = '([^']+)'", (HERE / 'mmpvt' / 'version.py').read_text()).group(1)
 
 # A plain C library (no Python or torch headers, so it builds in seconds), loaded through
-# ctypes by mmpvt/ops/dwconv_gelu.py; without it that op falls back to PyTorch's layers.
+# ctypes by mmpvt/ops/dwconv_gelu.py; without it the MLP runs PyTorch's layers.
 # OpenMP's libgomp.so.1 resolves to the copy torch has already loaded.
 DWCONV_GELU = Extension(
     'mmpvt.ops._dwconv_gelu',
@@ -16,6 +16,7 @@ DWCONV_GELU = Extension(
     depends=['mmpvt/ops/csrc/dwconv_gelu_rows.h', 'mmpvt/ops/csrc/dwconv_gelu_dtypes.h'],
     extra_compile_args=['-O3', '-std=c11', '-fopenmp', '-fno-math-errno', '-Wall'],
     extra_link_args=['-fopenmp'],
+    optional=True,  # no C compiler: mmpvt installs and runs the PyTorch layers instead
 )
 
 setup(

@@ -11,9 +11,6 @@ from mmpvt import PVTv2
 from mmpvt.models.pvt import Mlp
 from mmpvt.ops import dwconv_gelu
 
-pytestmark = pytest.mark.skipif(not dwconv_gelu.available(),
-                                reason='kernel not built (pip install -e . builds it)')
-
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want).abs().max() / want.abs().max().clamp_min(1e-30))
@@ -39,7 +36,8 @@ def make_mlp(dims: int, hidden: int, fc1_bias: bool = True, conv_bias: bool = Tr
 
 
 def test_the_kernel_is_built_for_this_cpu():
-    """`make setup` builds it; CI fails here rather than silently falling back."""
+    """`make setup` builds it (setup.py marks it optional, so that an install without a C
+    compiler still works); the suite, which needs a compiler for mmcv anyway, requires it."""
     assert dwconv_gelu.isa() in ('avx512', 'avx2', 'base')
 
 
