@@ -324,3 +324,19 @@ def test_keep_freed_memory_reuses_a_freed_block_without_page_faults(mode):
     kept, faults = out[0] == 'True', int(out[1])
     assert kept == (mode == 'keep')
     assert faults < 1000 if kept else faults > 10000
+
+
+def test_cpu_runs_keep_freed_memory(monkeypatch, tmp_path):
+    """train.py and test.py load their config through load_run_config, which sets it on CPUs."""
+    import argparse
+
+    import torch
+
+    from mmpvt.apis import launch
+    calls = []
+    monkeypatch.setattr(launch, 'keep_freed_memory', lambda: calls.append(1) or True)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    args = argparse.Namespace(config=str(CONFIGS['retinanet']), cfg_options=None, launcher='none',
+                              work_dir=str(tmp_path))
+    launch.load_run_config(args)
+    assert calls == [1]

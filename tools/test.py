@@ -10,7 +10,6 @@ returned metrics, which scripts parse.
 import argparse
 import sys
 
-import torch
 from mmengine.runner import Runner
 
 from mmpvt import apis
@@ -28,8 +27,6 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if not torch.cuda.is_available():
-        apis.keep_freed_memory()  # CPU runs: freed activations serve the next step
     cfg = apis.load_run_config(args)
     cfg.load_from = str(apis.check_file(args.checkpoint, 'checkpoint'))
     if args.out:

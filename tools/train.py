@@ -9,7 +9,6 @@ tools/slurm_train.sh. Everything else is mmengine's Runner.
 import argparse
 import sys
 
-import torch
 from mmengine.runner import Runner
 
 from mmpvt import apis
@@ -29,8 +28,6 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if not torch.cuda.is_available():
-        apis.keep_freed_memory()  # CPU runs: freed activations serve the next step
     cfg = apis.load_run_config(args)
     if args.amp:
         apis.enable_amp(cfg)

@@ -25,6 +25,7 @@ from mmengine.config import Config, ConfigDict, DictAction
 from .cfg_options import check_cfg_options
 from .data_checks import check_data, explain_data_error, explain_data_errors
 from .errors import LaunchError, check_file
+from .memory import keep_freed_memory
 
 __all__ = [
     'LaunchError', 'add_dump', 'add_resume_hooks', 'add_run_arguments', 'apply_resume', 'check_cfg_options',
@@ -68,7 +69,15 @@ def add_run_arguments(parser: argparse.ArgumentParser, work_dir_help: str, optio
 
 
 def load_run_config(args: argparse.Namespace) -> Config:
-    """The config of a train or test run: file, overrides, launcher and work dir from ``args``."""
+    """The config of a train or test run: file, overrides, launcher and work dir from ``args``.
+
+    Without CUDA, the run's process also keeps freed memory for reuse (``keep_freed_memory``):
+    a CPU step's large tensors then reuse the previous step's memory.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        keep_freed_memory()
     cfg = load_config(args.config, args.cfg_options)
     cfg.launcher = args.launcher
     cfg.work_dir = args.work_dir or cfg.get('work_dir') or default_work_dir(args.config)
