@@ -1,22 +1,16 @@
 # DETR with PVT-Small, 50 epochs (PVT v1 paper): the backbone hands only its stage-4 map
 # (stride 32, 512 channels) to the transformer, like DETR's ResNet-50 C5.
-_base_ = 'mmdet::detr/detr_r50_8xb2-150e_coco.py'
+_base_ = ['mmdet::detr/detr_r50_8xb2-150e_coco.py', './_base_/pvt.py']
 
 custom_imports = dict(imports=['mmpvt'], allow_failed_imports=False)
 
 model = dict(
     data_preprocessor=dict(pad_size_divisor=32),  # as released
     backbone=dict(
-        _delete_=True,  # replaces the ResNet-50 of mmdet's base
+        _base_.pvt.backbone,
         type='PVT',
         arch='small',
         out_indices=(3, ),
-        drop_path_rate=0.1,
-        frozen_stages=-1,
-        norm_eval=False,
-        with_cp=False,
-        # The authors' ImageNet weights; train from scratch with
-        # --cfg-options model.backbone.init_cfg=None
         init_cfg=dict(type='Pretrained',
                       checkpoint='https://github.com/whai362/PVT/releases/download/v2/pvt_small.pth')),
     neck=dict(in_channels=[512]))

@@ -1,13 +1,8 @@
 _base_ = './_base_/retinanet_pvt.py'
 
-model = dict(
-    backbone=dict(
-        type='PVT',
-        arch='large',
-        # The release trains PVT-Medium/Large detectors without stochastic depth.
-        drop_path_rate=0.0,
-        init_cfg=dict(checkpoint='https://github.com/whai362/PVT/releases/download/v2/pvt_large.pth')))
-
+model = dict(backbone=dict(
+    type='PVT', arch='large', drop_path_rate=0.0,  # as released: no stochastic depth for M/L detectors
+    init_cfg=dict(checkpoint='https://github.com/whai362/PVT/releases/download/v2/pvt_large.pth')))
 # Big models: 1 image per GPU and lr / 1.4, as published (8 GPUs x 1 image)
 train_dataloader = dict(batch_size=1)
 optim_wrapper = dict(optimizer=dict(lr=1e-4 / 1.4))

@@ -1,7 +1,5 @@
 _base_ = './_base_/retinanet_pvt.py'
 
-model = dict(
-    backbone=dict(
-        type='PVT',
-        arch='small',
-        init_cfg=dict(checkpoint='https://github.com/whai362/PVT/releases/download/v2/pvt_small.pth')))
+model = dict(backbone=dict(
+    type='PVT', arch='small',
+    init_cfg=dict(checkpoint='https://github.com/whai362/PVT/releases/download/v2/pvt_small.pth')))

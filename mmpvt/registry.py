@@ -13,9 +13,13 @@ import importlib
 from typing import TypeVar
 
 from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS
 from mmengine.registry import Registry
 
 MODELS = Registry('model', parent=MMENGINE_MODELS, scope='mmpvt', locations=['mmpvt.models'])
+OPTIM_WRAPPER_CONSTRUCTORS = Registry('optimizer wrapper constructor',
+                                      parent=MMENGINE_OPTIM_WRAPPER_CONSTRUCTORS, scope='mmpvt',
+                                      locations=['mmpvt.engine'])
 
 # The downstream packages whose registries receive mmpvt's models, by import path.
 DOWNSTREAM_REGISTRIES = ('mmdet.registry', 'mmseg.registry')
@@ -23,8 +27,8 @@ DOWNSTREAM_REGISTRIES = ('mmdet.registry', 'mmseg.registry')
 T = TypeVar('T', bound=type)
 
 
-def _downstream_model_registries() -> list[Registry]:
-    """The ``MODELS`` registries of the installed downstream packages."""
+def _downstream_model_registries(name: str = 'MODELS') -> list[Registry]:
+    """The ``MODELS`` (or ``name``) registries of the installed downstream packages."""
     registries = []
     for module_name in DOWNSTREAM_REGISTRIES:
         try:
@@ -33,7 +37,7 @@ def _downstream_model_registries() -> list[Registry]:
             if exc.name == module_name.split('.')[0]:
                 continue  # that package is not installed
             raise
-        registries.append(module.MODELS)
+        registries.append(getattr(module, name))
     return registries
 
 
@@ -41,6 +45,14 @@ def register_model(cls: T) -> T:
     """Registers ``cls`` in mmpvt's registry and in every installed downstream one."""
     MODELS.register_module(module=cls)
     for registry in _downstream_model_registries():
+        registry.register_module(module=cls)
+    return cls
+
+
+def register_optim_wrapper_constructor(cls: T) -> T:
+    """Registers an optimizer-wrapper constructor in mmpvt's registry and every downstream one."""
+    OPTIM_WRAPPER_CONSTRUCTORS.register_module(module=cls)
+    for registry in _downstream_model_registries('OPTIM_WRAPPER_CONSTRUCTORS'):
         registry.register_module(module=cls)
     return cls
 

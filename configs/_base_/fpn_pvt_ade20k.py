@@ -1,38 +1,5 @@
-# Semantic FPN on ADE20K, 40k iterations, with a PVT backbone: the papers' recipe.
-# A variant sets the backbone's type, arch and checkpoint and the neck's in_channels.
-_base_ = [
-    'mmseg::_base_/models/fpn_r50.py', 'mmseg::_base_/datasets/ade20k.py',
-    'mmseg::_base_/default_runtime.py', 'mmseg::_base_/schedules/schedule_40k.py'
-]
+# Semantic FPN on ADE20K with a PVT backbone: the method base, with the PVT family's block wired in.
+# A variant sets the backbone's type, arch and checkpoint (and the neck's in_channels for b0).
+_base_ = ['./fpn_ade20k.py', './pvt.py']
 
-custom_imports = dict(imports=['mmpvt'], allow_failed_imports=False)
-
-crop_size = (512, 512)
-model = dict(
-    # Training pads to the 512x512 crop; testing (short side 512, long side at most 2048,
-    # kept ratio) pads to a multiple of 32.
-    data_preprocessor=dict(size=crop_size, test_cfg=dict(size_divisor=32)),
-    pretrained=None,  # the base's ResNet weights; the backbone's init_cfg loads PVT's
-    backbone=dict(
-        _delete_=True,  # replaces the ResNet-50 of mmseg's base
-        type='PVTv2',
-        arch='b2',
-        out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.1,
-        frozen_stages=-1,
-        norm_eval=False,
-        with_cp=False,
-        # The authors' ImageNet weights; train from scratch with
-        # --cfg-options model.backbone.init_cfg=None
-        init_cfg=dict(type='Pretrained',
-                      checkpoint='https://github.com/whai362/PVT/releases/download/v2/pvt_v2_b2.pth')),
-    neck=dict(in_channels=[64, 128, 320, 512]),  # stage widths of all but PVTv2-b0
-    decode_head=dict(num_classes=150))
-
-optim_wrapper = dict(optimizer=dict(_delete_=True, type='AdamW', lr=2e-4, weight_decay=1e-4))
-# Poly decay (power 0.9) to zero over 40k iterations.
-param_scheduler = [dict(type='PolyLR', power=0.9, eta_min=0.0, begin=0, end=40000, by_epoch=False)]
-
-train_dataloader = dict(batch_size=4)  # 8 GPUs x 4 images
-# Published lr at a batch of 32; other GPU counts: --auto-scale-lr
-auto_scale_lr = dict(enable=False, base_batch_size=32)
+model = dict(backbone=_base_.pvt.backbone, neck=dict(in_channels=_base_.pvt.in_channels))

@@ -1,14 +1,5 @@
-# Mask R-CNN 3x multi-scale with a PVTv2 backbone: the 1x model, the PVTv2 paper's 3x recipe.
-# A variant sets the backbone's arch and checkpoint (and the neck's in_channels for b0).
-_base_ = ['./mask_rcnn_pvt.py', './ms_crop_3x.py']
+# Mask R-CNN 3x multi-scale with a PVT backbone: the method base, with the PVT family's block wired in.
+# A variant sets the backbone's type, arch and checkpoint (and the neck's in_channels for b0).
+_base_ = ['./mask_rcnn_3x.py', './pvt.py']
 
-train_pipeline = [
-    *_base_.train_pipeline[:2],  # load the image, boxes and masks
-    *_base_.ms_crop_3x.augmentation,
-    *_base_.train_pipeline[-1:],  # pack
-]
-train_dataloader = dict(batch_size=2, dataset=dict(pipeline=train_pipeline))  # 8 GPUs x 2 images
-train_cfg = dict(max_epochs=_base_.ms_crop_3x.max_epochs)
-param_scheduler = _base_.ms_crop_3x.param_scheduler
-optim_wrapper = _base_.ms_crop_3x.optim_wrapper
-auto_scale_lr = dict(base_batch_size=16)
+model = dict(backbone=_base_.pvt.backbone, neck=dict(in_channels=_base_.pvt.in_channels))

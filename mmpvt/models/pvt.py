@@ -16,14 +16,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from mmengine.logging import MMLogger, print_log
-from mmengine.model import BaseModule
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import load_backbone_checkpoint, shape_mismatch
 from ..ops import dwconv_gelu
 from ..registry import register_model
+from .base import DenseBackbone
 from .layers import HW, DropPath, PatchEmbed, nchw_to_nlc, nlc_to_nchw, resize_pos_embed
 
 # LayerNorm eps as in the authors' training code: blocks and stage outputs use 1e-6, the
@@ -262,7 +260,7 @@ class PVTStage(nn.Module):
         return nlc_to_nchw(x, hw)
 
 
-class PyramidVisionTransformerBase(BaseModule):
+class PyramidVisionTransformerBase(DenseBackbone):
     """What PVT and PVTv2 share; the subclasses set the family's fixed design.
 
     Args:
@@ -285,20 +283,24 @@ class PyramidVisionTransformerBase(BaseModule):
         pretrain_img_size: image size the position embeddings were learned at (PVT v1).
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` loads any PVT layout
             (the authors' release, timm, mmdet, mmpvt; whole detector checkpoints too).
+
+    Layer-wise learning-rate decay numbers the blocks of all stages in order (block ``k``
+    overall is layer ``k + 1``). Stage 0's patch embedding (and v1's position embedding) is
+    layer 0; a later stage's patch and position embeddings come right after the previous
+    stage's last block, so they share the layer of their stage's first block; a stage's
+    output norm (v2) shares the layer of the stage's last block.
     """
 
-    # The family's variants and fixed design, set by subclasses.
-    arch_zoo: dict[str, dict[str, Any]] = {}
+    # The family's fixed design, set by subclasses.
     patch_sizes: tuple[int, ...] = ()
     patch_strides = (4, 2, 2, 2)
     patch_paddings: tuple[int, ...] = ()
     use_pos_embed = False
     dwconv = False
     out_norm = False
+    required_arch_keys = ('embed_dims', 'depths', 'num_heads', 'mlp_ratios', 'sr_ratios')
     # Inputs smaller than this leave no token for the first stage's key/value reduction.
     min_input_size = 32
-
-    REQUIRED_ARCH_KEYS = ('embed_dims', 'depths', 'num_heads', 'mlp_ratios', 'sr_ratios')
 
     def __init__(self, arch: str | Mapping[str, Any] = 'b2', in_channels: int = 3,
                  out_indices: Sequence[int] = (0, 1, 2, 3), qkv_bias: bool = True,
@@ -306,27 +308,20 @@ class PyramidVisionTransformerBase(BaseModule):
                  frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
                  check_finite: bool = True, pretrain_img_size: int | Sequence[int] = 224,
                  init_cfg: Mapping[str, Any] | None = None) -> None:
-        super().__init__(init_cfg=init_cfg)
-        self.arch_settings = self._resolve_arch(arch)
+        super().__init__(arch, in_channels=in_channels, out_indices=out_indices,
+                         frozen_stages=frozen_stages, norm_eval=norm_eval, with_cp=with_cp,
+                         check_finite=check_finite, init_cfg=init_cfg)
         dims, depths = self.arch_settings['embed_dims'], self.arch_settings['depths']
-        num_stages = len(depths)
-        self.num_stages = num_stages
-        self.in_channels = in_channels
-        self.out_indices = self._check_out_indices(out_indices, num_stages)
-        if not (frozen_stages == -1 or 0 <= frozen_stages <= num_stages):
-            raise ValueError(f'frozen_stages must be -1 or in [0, {num_stages}], got {frozen_stages}')
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
-        self.check_finite = check_finite
         if isinstance(pretrain_img_size, int):
             pretrain_img_size = (pretrain_img_size, pretrain_img_size)
         self.pretrain_img_size = tuple(pretrain_img_size)
 
-        # stochastic depth decay rule: linear over all blocks of all stages
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # stochastic depth decay rule: linear over all blocks of all stages (computed on the
+        # CPU, so that the model also builds under a meta-device context)
+        rates = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
         self.stages = nn.ModuleList()
         stride, channels, strides = 1, in_channels, []
-        for i in range(num_stages):
+        for i in range(self.num_levels):
             j = min(i, len(self.patch_sizes) - 1)  # extra stages repeat the last design
             stride *= self.patch_strides[j]
             strides.append(stride)
@@ -341,118 +336,64 @@ class PyramidVisionTransformerBase(BaseModule):
                 qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
                 drop_paths=rates[sum(depths[:i]):sum(depths[:i + 1])], with_cp=with_cp))
             channels = dims[i]
-
-        # The output contract, known without running the model.
-        self.out_channels = tuple(dims[i] for i in self.out_indices)
-        self.out_strides = tuple(strides[i] for i in self.out_indices)
+        self.level_channels = tuple(dims)
+        self.level_strides = tuple(strides)
 
         self.apply(_init_weights)
         # Depthwise 3x3 weights, (C, 1, 3, 3), are ambiguous to PyTorch's layout heuristics,
         # which then copy the channels-last token map to NCHW and back around every MLP
         # convolution; channels-last weights keep the whole network in one layout.
         self.to(memory_format=torch.channels_last)
-        self._freeze_stages()
-        # Every load path (init_cfg, load_from, --resume, user code) goes through this check.
-        self.register_load_state_dict_pre_hook(
-            lambda module, state_dict, prefix, *_: module.adapt_loaded_state_dict(state_dict, prefix))
+        self.freeze_stages()
 
-    # -- construction helpers -------------------------------------------------------------
-    def _resolve_arch(self, arch: str | Mapping[str, Any]) -> dict[str, Any]:
-        name = type(self).__name__
-        if isinstance(arch, str):
-            if arch not in self.arch_zoo:
-                raise ValueError(f'{name}: unknown arch {arch!r}; valid names: {", ".join(self.arch_zoo)}')
-            settings = dict(self.arch_zoo[arch])
-        elif isinstance(arch, Mapping):
-            missing = [k for k in self.REQUIRED_ARCH_KEYS if k not in arch]
-            if missing:
-                raise ValueError(f'{name}: arch dict lacks {", ".join(missing)}; '
-                                 f'required keys: {", ".join(self.REQUIRED_ARCH_KEYS)}')
-            settings = dict(arch)
-        else:
-            raise TypeError(f'{name}: arch must be a variant name or a dict, got {type(arch).__name__}')
+    # -- what the base asks of the family --------------------------------------------------
+    def _complete_arch(self, settings: dict[str, Any]) -> dict[str, Any]:
         settings.setdefault('linear', False)
-        lengths = {k: len(settings[k]) for k in self.REQUIRED_ARCH_KEYS}
+        lengths = {k: len(settings[k]) for k in self.required_arch_keys}
         if len(set(lengths.values())) != 1:
-            raise ValueError(f'{name}: arch lists must have one entry per stage, got lengths {lengths}')
+            raise ValueError(f'{type(self).__name__}: arch lists must have one entry per stage, '
+                             f'got lengths {lengths}')
         return settings
 
-    @staticmethod
-    def _check_out_indices(out_indices: Sequence[int], num_stages: int) -> tuple[int, ...]:
-        if isinstance(out_indices, int):
-            out_indices = (out_indices,)
-        out_indices = tuple(out_indices)
-        if not out_indices:
-            raise ValueError('out_indices must name at least one stage')
-        bad = [i for i in out_indices if not (isinstance(i, int) and 0 <= i < num_stages)]
-        if bad or len(set(out_indices)) != len(out_indices):
-            raise ValueError(f'out_indices must be distinct stage indices in [0, {num_stages - 1}], '
-                             f'got {out_indices}')
-        return tuple(sorted(out_indices))
+    @property
+    def num_levels(self) -> int:
+        """One level per stage (four in every published variant)."""
+        return len(self.arch_settings['depths'])
 
-    # -- training-state control -----------------------------------------------------------
-    def _freeze_stages(self) -> None:
-        for stage in self.stages[:max(self.frozen_stages, 0)]:
-            stage.eval()
-            for param in stage.parameters():
-                param.requires_grad = False
+    @property
+    def num_layers(self) -> int:
+        """Blocks over all stages."""
+        return sum(self.arch_settings['depths'])
 
-    def train(self, mode: bool = True) -> PyramidVisionTransformerBase:
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
-                    module.eval()
-        return self
+    def frozen_modules(self, num_stages: int) -> list[nn.Module]:
+        """The first ``num_stages`` stages, each with its patch (and position) embedding."""
+        return list(self.stages[:num_stages])
 
-    # -- weights ----------------------------------------------------------------------------
-    def init_weights(self) -> None:
-        """Loads ``init_cfg``'s checkpoint in any known layout; other init_cfgs as mmengine."""
-        init_cfg = self.init_cfg
-        if isinstance(init_cfg, Mapping) and init_cfg.get('type') == 'Pretrained':
-            load_backbone_checkpoint(self, init_cfg['checkpoint'], convert_pvt_state_dict,
-                                     map_location=init_cfg.get('map_location', 'cpu'))
-            self._is_init = True
-        else:
-            super().init_weights()
+    def layer_id(self, name: str) -> int:
+        """The layer of parameter ``name`` for layer-wise lr decay (see the class docstring)."""
+        depths = self.arch_settings['depths']
+        m = re.match(r'stages\.(\d+)\.(?:(patch_embed\.|pos_embed$)|blocks\.(\d+)\.|(norm\.))', name)
+        if m is None or int(m[1]) >= len(depths):
+            raise ValueError(f'{type(self).__name__}.layer_id: {name!r} is no parameter of the backbone')
+        stage = int(m[1])
+        first_block = sum(depths[:stage])  # blocks before this stage
+        if m[2]:  # embeddings: right after the previous stage's last block
+            return first_block + 1 if stage else 0
+        if m[3] is not None:
+            return first_block + int(m[3]) + 1
+        return first_block + depths[stage]  # the output norm: with the stage's last block
 
-    def adapt_loaded_state_dict(self, state_dict: dict[str, Any], prefix: str = '') -> None:
-        """Fits a state dict about to be loaded to this model, in place, or refuses it.
-
-        Position embeddings learned on a square grid of another size are resized to the
-        model's grid; any other tensor whose shape differs raises CheckpointError naming the
-        key and both shapes (torch and mmengine would only warn, or fail less clearly).
-        """
-        for name, own in self.state_dict().items():
-            key = prefix + name
-            loaded = state_dict.get(key)
-            if loaded is None or loaded.shape == own.shape:
-                continue
-            owner = self.get_submodule(name.rpartition('.')[0])
-            grid = getattr(owner, 'pos_grid', None) if name.endswith('pos_embed') else None
-            side = math.isqrt(loaded.shape[1]) if loaded.dim() == 3 else 0
-            if grid is None or side * side != loaded.shape[1] or loaded.shape[2] != own.shape[2]:
-                raise shape_mismatch(key, loaded, own)
-            state_dict[key] = resize_pos_embed(loaded, (side, side), grid)
-            print_log(f'{key}: resized the position embedding from a {side}x{side} to a '
-                      f'{grid[0]}x{grid[1]} grid', MMLogger.get_current_instance())
+    def adapt_tensor(self, name: str, loaded: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
+        """Resizes a v1 position embedding learned on a square grid of another size."""
+        if not name.endswith('pos_embed'):
+            return None
+        grid = getattr(self.get_submodule(name.rpartition('.')[0]), 'pos_grid', None)
+        side = math.isqrt(loaded.shape[1]) if loaded.dim() == 3 else 0
+        if grid is None or side * side != loaded.shape[1] or loaded.shape[2] != own.shape[2]:
+            return None
+        return resize_pos_embed(loaded, (side, side), grid)
 
     # -- forward ----------------------------------------------------------------------------
-    def check_input(self, x: torch.Tensor) -> None:
-        """Raises ValueError unless ``x`` is a ``(B, in_channels, H, W)`` batch, H, W >= 32,
-        and, in training with ``check_finite``, FloatingPointError if it holds NaN or inf."""
-        if x.dim() != 4 or x.shape[1] != self.in_channels or min(x.shape[-2:]) < self.min_input_size:
-            raise ValueError(
-                f'{type(self).__name__} expects input of shape (B, {self.in_channels}, H, W) with '
-                f'H, W >= {self.min_input_size}; got {tuple(x.shape)}')
-        if self.training and self.check_finite and not torch.compiler.is_compiling():
-            if not torch.isfinite(x).all():
-                raise FloatingPointError(
-                    f'{type(self).__name__} got NaN or inf in its input batch during training; check the '
-                    'data pipeline (a corrupt image, a division by a zero std). '
-                    'check_finite=False turns this check off.')
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Returns the maps of ``out_indices``: ``(B, out_channels[k], H / s_k, W / s_k)``.
 
@@ -657,3 +598,4 @@ PVTV2_ARCHS: dict[str, dict[str, Any]] = {
 
 PVT.arch_zoo = PVT_ARCHS
 PVTv2.arch_zoo = PVTV2_ARCHS
+PyramidVisionTransformerBase.convert_state_dict = staticmethod(convert_pvt_state_dict)

@@ -1,0 +1,250 @@
+"""The base of every mmpvt backbone: what a dense-prediction backbone owes its users.
+
+A family (PVT, PVTv2, ...) states its variants and fixed design as class attributes, builds
+its layers and writes ``forward``. Everything that is the same for every family lives here:
+resolving ``arch`` (a variant name or a dict), checking ``out_indices`` and
+``frozen_stages``, freezing, ``norm_eval``, the input checks, loading ``init_cfg`` through
+the family's own checkpoint converter, the load-time shape check that refuses a checkpoint
+of another variant on every load path, the output contract known without running
+(``out_channels``, ``out_strides``, ``size_divisor``) and the layer numbering that
+layer-wise learning-rate decay reads (``num_layers``, ``layer_id``).
+
+What a family provides:
+
+- class attributes ``arch_zoo`` (variant name -> settings), ``required_arch_keys`` (what an
+  arch dict must hold), and where they differ from the defaults ``min_input_size``,
+  ``size_divisor`` and ``num_levels``;
+- ``convert_state_dict``: a pure, idempotent staticmethod from any checkpoint layout the
+  family supports to the model's own state dict;
+- in ``__init__``, after calling this base's ``__init__`` and building its layers:
+  ``level_channels`` and ``level_strides`` (every level, not only ``out_indices``), then a
+  call to :meth:`DenseBackbone.freeze_stages`;
+- ``frozen_modules(k)``, ``num_layers``, ``layer_id(name)``, ``forward`` (which calls
+  :meth:`DenseBackbone.check_input`), and optionally ``_complete_arch`` (defaults and checks
+  of the resolved arch) and ``adapt_tensor`` (fitting a loaded tensor of another shape, such
+  as a position embedding learned at another image size).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from mmengine.logging import MMLogger, print_log
+from mmengine.model import BaseModule
+from torch import nn
+
+from ..checkpoint import load_backbone_checkpoint, shape_mismatch
+
+# The normalisation layers that ``norm_eval`` keeps in eval mode during training.
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def _fit_loaded_state_dict(module: DenseBackbone, state_dict: dict[str, Any], prefix: str,
+                           *args: Any) -> None:
+    """The load_state_dict pre-hook: every load path (init_cfg, load_from, --resume, user
+    code) passes the backbone's part of the state dict through the shape check."""
+    module.adapt_loaded_state_dict(state_dict, prefix)
+
+
+class DenseBackbone(BaseModule):
+    """A backbone for detection and segmentation: maps at strides 4, 8, 16 and 32.
+
+    Args:
+        arch: a variant name of the family (a key of ``arch_zoo``) or a dict holding at
+            least ``required_arch_keys``.
+        in_channels: channels of the input image.
+        out_indices: levels whose maps ``forward`` returns, 0-based (level ``k`` of the
+            four levels has stride ``4 * 2**k``); returned in increasing order.
+        frozen_stages: the first ``frozen_stages`` stages (what ``frozen_modules`` names)
+            get no gradients and stay in eval mode; -1 or 0 freezes nothing.
+        norm_eval: keep every normalisation layer in eval mode during training (frozen
+            batch statistics for small per-GPU batches).
+        with_cp: activation checkpointing, stored for the family to apply: less memory,
+            more time.
+        check_finite: in training, raise FloatingPointError on a batch holding NaN or inf
+            instead of training on it (one reduction over the input per step).
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` loads a checkpoint in
+            any layout the family's ``convert_state_dict`` knows; other init_cfgs work as in
+            mmengine.
+    """
+
+    # Set by each family.
+    arch_zoo: dict[str, dict[str, Any]] = {}
+    required_arch_keys: tuple[str, ...] = ()
+    # Inputs smaller than this leave too few tokens for the deepest level.
+    min_input_size = 32
+    # An input padded to a multiple of this gives maps of exactly H / stride x W / stride.
+    size_divisor = 32
+    num_levels = 4
+    # Channels and strides of every level, set by the family once its layers are built.
+    level_channels: tuple[int, ...] = ()
+    level_strides: tuple[int, ...] = ()
+
+    def __init__(self, arch: str | Mapping[str, Any], in_channels: int = 3,
+                 out_indices: int | Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
+                 norm_eval: bool = False, with_cp: bool = False, check_finite: bool = True,
+                 init_cfg: Mapping[str, Any] | None = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.arch_settings = self.resolve_arch(arch)
+        self.in_channels = in_channels
+        self.out_indices = self.check_out_indices(out_indices)
+        if not (frozen_stages == -1 or 0 <= frozen_stages <= self.num_stages):
+            raise ValueError(f'frozen_stages must be -1 or in [0, {self.num_stages}], got {frozen_stages}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+        self.check_finite = check_finite
+        self.register_load_state_dict_pre_hook(_fit_loaded_state_dict)
+
+    # -- the family's part ----------------------------------------------------------------
+    @staticmethod
+    def convert_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Any checkpoint layout the family supports -> the model's state dict (pure, idempotent)."""
+        raise NotImplementedError('a DenseBackbone family sets convert_state_dict to its converter')
+
+    @property
+    def num_stages(self) -> int:
+        """How many stages ``frozen_stages`` can freeze; by default one per level."""
+        return self.num_levels
+
+    def frozen_modules(self, num_stages: int) -> list[nn.Module]:
+        """The modules that make up the first ``num_stages`` stages (what freezing covers)."""
+        raise NotImplementedError(f'{type(self).__name__} does not say which modules its stages are')
+
+    @property
+    def num_layers(self) -> int:
+        """The number of blocks layer-wise learning-rate decay counts (``layer_id`` 1..num_layers)."""
+        raise NotImplementedError(f'{type(self).__name__} does not number its layers')
+
+    def layer_id(self, name: str) -> int:
+        """The layer of parameter ``name`` (relative to the backbone) for layer-wise lr decay.
+
+        0 for the patch and position embeddings, ``i + 1`` for block ``i`` (counted over the
+        whole backbone), ``num_layers + 1`` for what follows the last block. Raises
+        ValueError for a name that is no parameter of the backbone.
+        """
+        raise NotImplementedError(f'{type(self).__name__} does not number its layers')
+
+    def _complete_arch(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """Fills the family's defaults into a resolved arch and checks it; raises ValueError."""
+        return settings
+
+    def adapt_tensor(self, name: str, loaded: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
+        """A loaded tensor whose shape differs from the model's, fitted to it, or None to refuse.
+
+        ``name`` is the state-dict key relative to the backbone. The default refuses every
+        shape change; a family fits what its design allows (e.g. position embeddings learned
+        at another image size).
+        """
+        return None
+
+    # -- construction -----------------------------------------------------------------------
+    def resolve_arch(self, arch: str | Mapping[str, Any]) -> dict[str, Any]:
+        """The settings of ``arch``: a copy of the named variant's, or of the dict given."""
+        name = type(self).__name__
+        if isinstance(arch, str):
+            if arch not in self.arch_zoo:
+                raise ValueError(f'{name}: unknown arch {arch!r}; valid names: {", ".join(self.arch_zoo)}')
+            settings = dict(self.arch_zoo[arch])
+        elif isinstance(arch, Mapping):
+            missing = [k for k in self.required_arch_keys if k not in arch]
+            if missing:
+                raise ValueError(f'{name}: arch dict lacks {", ".join(missing)}; '
+                                 f'required keys: {", ".join(self.required_arch_keys)}')
+            settings = dict(arch)
+        else:
+            raise TypeError(f'{name}: arch must be a variant name or a dict, got {type(arch).__name__}')
+        return self._complete_arch(settings)
+
+    def check_out_indices(self, out_indices: int | Sequence[int]) -> tuple[int, ...]:
+        """``out_indices`` as a sorted tuple of distinct levels in ``[0, num_levels - 1]``."""
+        if isinstance(out_indices, int):
+            out_indices = (out_indices,)
+        out_indices = tuple(out_indices)
+        if not out_indices:
+            raise ValueError('out_indices must name at least one stage')
+        levels = self.num_levels
+        bad = [i for i in out_indices if not (isinstance(i, int) and 0 <= i < levels)]
+        if bad or len(set(out_indices)) != len(out_indices):
+            raise ValueError(f'out_indices must be distinct stage indices in [0, {levels - 1}], '
+                             f'got {out_indices}')
+        return tuple(sorted(out_indices))
+
+    # -- the output contract ----------------------------------------------------------------
+    @property
+    def out_channels(self) -> tuple[int, ...]:
+        """Channels of each returned map, in the order of ``out_indices``."""
+        return tuple(self.level_channels[i] for i in self.out_indices)
+
+    @property
+    def out_strides(self) -> tuple[int, ...]:
+        """Stride of each returned map relative to the input, in the order of ``out_indices``."""
+        return tuple(self.level_strides[i] for i in self.out_indices)
+
+    # -- training-state control -------------------------------------------------------------
+    def freeze_stages(self) -> None:
+        """Stops gradients into the first ``frozen_stages`` stages and puts them in eval mode.
+
+        Families call it once their layers are built; ``train()`` calls it again, since
+        ``nn.Module.train`` would put the frozen stages back into training mode.
+        """
+        for module in self.frozen_modules(self.frozen_stages) if self.frozen_stages > 0 else ():
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True) -> DenseBackbone:
+        super().train(mode)
+        self.freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, NORM_TYPES):
+                    module.eval()
+        return self
+
+    # -- weights ----------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """Loads ``init_cfg``'s checkpoint in any layout the family knows; other init_cfgs as mmengine."""
+        init_cfg = self.init_cfg
+        if isinstance(init_cfg, Mapping) and init_cfg.get('type') == 'Pretrained':
+            load_backbone_checkpoint(self, init_cfg['checkpoint'], self.convert_state_dict,
+                                     map_location=init_cfg.get('map_location', 'cpu'))
+            self._is_init = True
+        else:
+            super().init_weights()
+
+    def adapt_loaded_state_dict(self, state_dict: dict[str, Any], prefix: str = '') -> None:
+        """Fits a state dict about to be loaded to this model, in place, or refuses it.
+
+        A tensor whose shape differs from the model's is passed to ``adapt_tensor``; unless
+        that fits it, CheckpointError names the key and both shapes (torch and mmengine would
+        only warn, or fail less clearly). Keys one side lacks are left to the caller.
+        """
+        for name, own in self.state_dict().items():
+            key = prefix + name
+            loaded = state_dict.get(key)
+            if not isinstance(loaded, torch.Tensor) or loaded.shape == own.shape:
+                continue
+            fitted = self.adapt_tensor(name, loaded, own)
+            if fitted is None or fitted.shape != own.shape:
+                raise shape_mismatch(key, loaded, own)
+            state_dict[key] = fitted
+            print_log(f'{key}: fitted the checkpoint\'s {tuple(loaded.shape)} to the model\'s '
+                      f'{tuple(own.shape)}', MMLogger.get_current_instance())
+
+    # -- forward ----------------------------------------------------------------------------
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raises ValueError unless ``x`` is a ``(B, in_channels, H, W)`` batch with H, W at
+        least ``min_input_size``, and, in training with ``check_finite``, FloatingPointError
+        if it holds NaN or inf."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels or min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(
+                f'{type(self).__name__} expects input of shape (B, {self.in_channels}, H, W) with '
+                f'H, W >= {self.min_input_size}; got {tuple(x.shape)}')
+        if self.training and self.check_finite and not torch.compiler.is_compiling():
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(
+                    f'{type(self).__name__} got NaN or inf in its input batch during training; check the '
+                    'data pipeline (a corrupt image, a division by a zero std). '
+                    'check_finite=False turns this check off.')
