@@ -13,6 +13,7 @@ from .version import __version__
 # Before anything imports mmdet or mmseg, whose own checks fail less clearly.
 check_versions()
 
+from . import engine  # noqa: E402,F401  (registers the layer-decay optimizer constructor)
 from .checkpoint import install_safe_loading  # noqa: E402
 from .models import PVT, PVTv2, convert_pvt_state_dict  # noqa: E402
 

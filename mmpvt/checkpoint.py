@@ -4,10 +4,16 @@ Every load goes through ``torch.load(weights_only=True)``. mmengine's own checkp
 ones ``--resume`` reads) hold a few non-tensor objects: message-hub history buffers, which
 pickle their statistics methods as ``getattr(HistoryBuffer, 'mean')``, and numpy scalars
 and arrays. Exactly those are added to torch's allow-list when mmpvt is imported, so
-mmengine's loader works under torch >= 2.6 without turning ``weights_only`` off.
+mmengine's loader works under torch >= 2.6 without turning ``weights_only`` off. Release
+files of pre-trained models may carry their training script's arguments (an
+``argparse.Namespace``), which is allowed too. detectron2's model-zoo ``.pkl`` files are
+plain pickles of numpy arrays; they are read by an unpickler that builds numpy arrays and
+nothing else.
 """
 from __future__ import annotations
 
+import argparse
+import codecs
 import logging
 import os
 import pickle
@@ -56,6 +62,10 @@ def history_buffer_getattr(obj: Any, name: str) -> Any:
 # Exactly the non-tensor globals an mmengine 0.10 checkpoint holds (meta, message hub).
 MMENGINE_SAFE_GLOBALS: list[Any] = [
     HistoryBuffer, (history_buffer_getattr, 'builtins.getattr'), *_numpy_allowed_globals()]
+# What release files of pre-trained models hold beside their weights: MAE and DeiT save the
+# training script's arguments as an argparse.Namespace ('args'). Their optimizer state,
+# epoch counters and config strings are plain containers, which weights_only reads as is.
+RELEASE_SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 
 
 def install_safe_loading() -> None:
@@ -66,7 +76,7 @@ def install_safe_loading() -> None:
     :func:`load_checkpoint_file`, which passes ``weights_only=True`` explicitly and names the
     file when it is missing, truncated or unsafe.
     """
-    torch.serialization.add_safe_globals(MMENGINE_SAFE_GLOBALS)
+    torch.serialization.add_safe_globals(MMENGINE_SAFE_GLOBALS + RELEASE_SAFE_GLOBALS)
     CheckpointLoader.register_scheme(prefixes='', force=True)(_mmengine_local_loader)
 
 
@@ -96,7 +106,8 @@ def download(url: str, model_dir: str | os.PathLike | None = None) -> Path:
 
 _UNREADABLE = 'is not a readable checkpoint (truncated or corrupt?)'
 # What torch's weights-only unpickler says when a file asks for code, not data.
-_UNSAFE_MARKERS = ('Unsupported global', 'unrecognized function', 'is blocked', 'refused getattr')
+_UNSAFE_MARKERS = ('Unsupported global', 'unrecognized function', 'is blocked', 'refused getattr',
+                   'refused global')
 
 
 def _unpickler_detail(exc: Exception) -> str:
@@ -107,8 +118,53 @@ def _unpickler_detail(exc: Exception) -> str:
     return ' '.join(text.split()).split(' Check the documentation')[0].split(' Please use')[0]
 
 
+class _NumpyArrayUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists and numpy arrays, and refuses every other global.
+
+    A numpy array pickles as ``_reconstruct(ndarray, ...)`` with a ``dtype`` (and, in
+    protocol 2, its bytes as ``_codecs.encode(text, 'latin1')``); numpy 1.x files name the
+    helper under ``numpy.core``, numpy 2 under ``numpy._core``.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in ('numpy.core.multiarray', 'numpy._core.multiarray') and name == '_reconstruct':
+            try:
+                from numpy._core.multiarray import _reconstruct
+            except ImportError:  # pragma: no cover - numpy 1.x
+                from numpy.core.multiarray import _reconstruct
+            return _reconstruct
+        if module == 'numpy' and name in ('ndarray', 'dtype'):
+            return getattr(np, name)
+        if module == '_codecs' and name == 'encode':  # array bytes in protocol-2 pickles
+            return codecs.encode
+        raise pickle.UnpicklingError(f'refused global {module}.{name}: not a numpy array')
+
+
+def _to_tensors(obj: Any) -> Any:
+    """The same nested dicts and lists with numpy arrays as tensors."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, Mapping):
+        return {k: _to_tensors(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_tensors(v) for v in obj]
+    return obj
+
+
+def _load_numpy_pickle(path: Path) -> Any:
+    """Reads a pickle of numpy arrays (detectron2's model-zoo ``.pkl``) into tensors.
+
+    ``latin1`` decodes the byte strings of Python 2 pickles as detectron2's own loader does.
+    """
+    with open(path, 'rb') as f:
+        return _to_tensors(_NumpyArrayUnpickler(f, encoding='latin1').load())
+
+
 def load_checkpoint_file(filename: str | os.PathLike, map_location: Any = 'cpu') -> dict[str, Any]:
     """Reads a checkpoint (a path or an http(s)/file URL) with ``weights_only=True``.
+
+    A ``.pkl`` file is read as a pickle of numpy arrays (detectron2's model zoo), which
+    builds numpy arrays and nothing else; its arrays come back as CPU tensors.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -120,7 +176,10 @@ def load_checkpoint_file(filename: str | os.PathLike, map_location: Any = 'cpu')
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint not found: {path}')
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        if path.suffix == '.pkl':
+            checkpoint = _load_numpy_pickle(path)
+        else:
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         detail = _unpickler_detail(exc)
         if any(marker in detail for marker in _UNSAFE_MARKERS):

@@ -1,42 +1,98 @@
-"""Converts a PVT/PVTv2 checkpoint in any known layout to an mmpvt backbone state dict.
+"""Converts a backbone checkpoint in any known layout to an mmpvt backbone state dict.
 
     python tools/convert_checkpoint.py pvt_v2_b2.pth pvt_v2_b2_mmpvt.pth
+    python tools/convert_checkpoint.py mae_pretrain_vit_base.pth vitdet_b.pth --type vitdet
 
-Reads the authors' release files, timm's pvt_v2, mmdet 3.x's built-in PVT (backbone or
-whole detector checkpoints) and mmpvt's own layout, with ``weights_only=True``.
+Families (``--type``) and the layouts each reads:
+
+    pvt     PVT and PVTv2: the authors' release files, timm's pvt_v2, mmdet 3.x's built-in
+            PVT (backbone or whole detector checkpoints), mmpvt's own
+    vitdet  ViTDet: timm vit_* and DeiT releases, MAE pre-training files, detectron2 ViTDet
+            detectors (.pth and the model zoo's .pkl), mmdet's ViTDet project, mmpvt's own
+
+Without ``--type`` the family is detected from the checkpoint's keys. Files are read with
+``weights_only=True`` (``.pkl`` files by an unpickler that builds numpy arrays only).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
 from mmpvt.checkpoint import CheckpointError, load_checkpoint_file
 from mmpvt.models.pvt import CLASSIFICATION_KEYS, convert_pvt_state_dict, detect_layout, unwrap_state_dict
+from mmpvt.models.vitdet import (
+    convert_vitdet_state_dict,
+    detect_vitdet_layout,
+    unwrap_vitdet_checkpoint,
+    vitdet_dropped_keys,
+)
+
+# Names of dropped keys printed before the rest are counted (detector checkpoints drop hundreds).
+MAX_LISTED = 12
+
+
+class Family(NamedTuple):
+    """How the tool handles one backbone family's checkpoints."""
+    unwrap: Callable[[Mapping[str, Any]], dict[str, Any]]  # the source's flat state dict
+    detect: Callable[[Mapping[str, Any]], str]  # layout name of the unwrapped state; ValueError if foreign
+    convert: Callable[[Mapping[str, Any]], dict[str, torch.Tensor]]
+    dropped: Callable[[Mapping[str, Any]], list[str]]  # source keys the conversion leaves out
+
+
+# Tried in this order when --type is not given: ViTDet's layout test is the stricter one (a
+# plain ViT's top-level ``patch_embed.`` keys also pass PVT's test for timm's pvt_v2).
+FAMILIES: dict[str, Family] = {
+    'vitdet': Family(unwrap_vitdet_checkpoint, detect_vitdet_layout, convert_vitdet_state_dict,
+                     vitdet_dropped_keys),
+    'pvt': Family(unwrap_state_dict, detect_layout, convert_pvt_state_dict,
+                  lambda ckpt: [k for k in unwrap_state_dict(ckpt) if CLASSIFICATION_KEYS.match(k)]),
+}
+
+
+def detect_family(checkpoint: Mapping[str, Any]) -> str:
+    """The first family whose layout test accepts ``checkpoint``; ValueError naming all otherwise."""
+    for name, family in FAMILIES.items():
+        try:
+            family.detect(family.unwrap(checkpoint))
+        except ValueError:
+            continue
+        return name
+    keys = list(unwrap_vitdet_checkpoint(checkpoint))[:5]
+    raise ValueError(f'no backbone family ({", ".join(FAMILIES)}) knows this checkpoint\'s layout; '
+                     f'first keys: {keys}')
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('src', help='checkpoint to convert (path or URL)')
     parser.add_argument('dst', help='where to write the mmpvt-layout state dict')
+    parser.add_argument('--type', choices=list(FAMILIES), default=None,
+                        help='backbone family of the checkpoint (default: detected from its keys)')
     args = parser.parse_args(argv)
     try:
         checkpoint = load_checkpoint_file(args.src)
-        layout = detect_layout(unwrap_state_dict(checkpoint))
-        converted = convert_pvt_state_dict(checkpoint)
+        name = args.type or detect_family(checkpoint)
+        family = FAMILIES[name]
+        source = family.unwrap(checkpoint)
+        layout = family.detect(source)
+        converted = family.convert(checkpoint)
     except (FileNotFoundError, CheckpointError, ValueError) as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 1
-    source_keys = set(unwrap_state_dict(checkpoint))
-    dropped = sorted(k for k in source_keys if CLASSIFICATION_KEYS.match(k))
+    dropped = sorted(family.dropped(checkpoint))
     Path(args.dst).parent.mkdir(parents=True, exist_ok=True)
     torch.save(converted, args.dst)
     params = sum(v.numel() for v in converted.values())
-    print(f'{args.src}: {layout} layout, {len(source_keys)} tensors')
+    print(f'{args.src}: {name} family, {layout} layout, {len(source)} tensors')
     print(f'wrote {args.dst}: {len(converted)} tensors, {params / 1e6:.2f}M parameters (mmpvt layout)')
-    print(f'dropped (classification only): {", ".join(dropped) if dropped else "none"}')
+    listed = ', '.join(dropped[:MAX_LISTED]) + (f' and {len(dropped) - MAX_LISTED} more'
+                                               if len(dropped) > MAX_LISTED else '')
+    print(f'dropped (not used by the backbone): {listed or "none"}')
     return 0
 
 

@@ -126,3 +126,59 @@ class IterationSeedHook(Hook):
         if self._before_val is not None:
             set_rng_states(self._before_val)
             self._before_val = None
+
+
+class InvalidLossError(FloatingPointError):
+    """The training loss became NaN or inf; the message names the iteration and the terms."""
+
+
+@HOOKS.register_module()
+class InvalidLossHook(Hook):
+    """Stops training at the iteration whose total loss is NaN or inf, before it is checkpointed.
+
+    Raises :class:`InvalidLossError` naming the iteration (1-based, as the log counts), the
+    total loss and every loss term that is not finite, and the last checkpoint saved, which
+    still holds the weights from before the loss went bad.
+
+    No extra device synchronisation: mmengine's ``RuntimeInfoHook`` ('VERY_HIGH') already
+    copies every value of the model's ``log_vars`` to the CPU on every iteration
+    (``MessageHub.update_scalar`` calls ``.item()``) so that the logger can average them. This
+    hook runs after it ('ABOVE_NORMAL') and reads those Python floats from the message hub,
+    so checking every iteration costs no sync and the run stops exactly at the iteration the
+    loss went non-finite. It also runs before ``CheckpointHook`` ('VERY_LOW'): the optimizer
+    step of that iteration has already applied the non-finite gradients, and raising here keeps
+    those weights from being written over the last good checkpoint.
+    """
+
+    priority = 'ABOVE_NORMAL'
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch: Any = None, outputs: Any = None) -> None:
+        if not outputs:
+            return
+        values = {key: self._logged_value(runner, key, value) for key, value in outputs.items()}
+        losses = {key: value for key, value in values.items() if 'loss' in key and value is not None}
+        total = ['loss'] if 'loss' in losses else list(losses)  # mmengine's parse_losses names the sum 'loss'
+        if all(np.isfinite(losses[key]) for key in total):
+            return
+        bad_terms = [key for key in losses if key != 'loss' and not np.isfinite(losses[key])]
+        shown = ', '.join(f'{key}={losses[key]}' for key in [*total, *bad_terms] if key in losses)
+        terms = (f'non-finite terms: {", ".join(bad_terms)}' if bad_terms
+                 else 'every term is finite, their sum overflowed')
+        last = runner.message_hub.get_info('last_ckpt')
+        kept = (f'the last checkpoint, {last}, holds the weights from before' if last
+                else 'no checkpoint was saved yet')
+        raise InvalidLossError(
+            f'the training loss is not finite at iteration {runner.iter + 1} ({shown}; {terms}); '
+            f'training stopped before saving these weights, {kept}. Lower the learning rate, add '
+            'gradient clipping (optim_wrapper.clip_grad) or check the data of that iteration')
+
+    @staticmethod
+    def _logged_value(runner, key: str, value: Any) -> float | None:
+        """The value RuntimeInfoHook already copied to the CPU; None if it is not a scalar."""
+        buffer = runner.message_hub.log_scalars.get(f'train/{key}')
+        if buffer is not None and len(buffer.data[0]):
+            return float(buffer.current())
+        try:  # a model whose outputs RuntimeInfoHook did not log: only here is there a sync
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            return None

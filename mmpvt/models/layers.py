@@ -9,6 +9,7 @@ that dominate other PVT implementations' profiles.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -70,3 +71,227 @@ class PatchEmbed(nn.Module):
         x = self.proj(x)
         hw = (x.shape[2], x.shape[3])
         return self.norm(nchw_to_nlc(x)), hw
+
+
+# -- plain-ViT pieces (ViTDet; MViTv2 reuses the windows and the relative positions) -----------
+# These work on token maps laid out as (B, H, W, C), detectron2's convention: windows are
+# cut and attention runs on the trailing channel dim without any transpose.
+
+def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, HW]:
+    """Cuts a ``(B, H, W, C)`` map into ``(B * n, window_size, window_size, C)`` windows.
+
+    The map is zero-padded at the bottom and right to a multiple of ``window_size`` first,
+    and no mask hides the padding afterwards: the ViTDet and MViTv2 detectors were trained
+    that way. Returns the windows and the padded size ``(Hp, Wp)`` that
+    :func:`window_unpartition` needs.
+    """
+    B, H, W, C = x.shape
+    pad_h, pad_w = -H % window_size, -W % window_size
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.view(B, Hp // window_size, window_size, Wp // window_size, window_size, C)
+    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, C)
+    return windows, (Hp, Wp)
+
+
+def window_unpartition(windows: torch.Tensor, window_size: int, padded_hw: Sequence[int],
+                       hw: Sequence[int]) -> torch.Tensor:
+    """Puts :func:`window_partition`'s windows back into a ``(B, H, W, C)`` map, padding cut off."""
+    Hp, Wp = padded_hw
+    H, W = hw
+    rows, cols = Hp // window_size, Wp // window_size
+    B = windows.shape[0] // (rows * cols)
+    x = windows.view(B, rows, cols, window_size, window_size, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)
+    if Hp > H or Wp > W:
+        x = x[:, :H, :W, :].contiguous()
+    return x
+
+
+def resize_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
+    """Linearly resizes a ``(L, C)`` relative-position table to ``(length, C)``.
+
+    Tables are learned for one distance range (2 * 14 - 1 rows for 14x14 windows); a grid
+    of another size needs ``2 * size - 1`` rows. ``align_corners=False``, as detectron2
+    resizes them. Returns ``table`` itself when the length already fits.
+    """
+    if table.shape[0] == length:
+        return table
+    resized = F.interpolate(table.t()[None], size=length, mode='linear', align_corners=False)
+    return resized[0].t()
+
+
+def rel_pos_lookup(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
+    """The ``(q_size, k_size, C)`` embeddings of every query/key distance along one axis.
+
+    ``table`` holds one row per distance; it is resized to ``2 * max(q_size, k_size) - 1``
+    rows when it holds another number. When queries and keys differ in length (pooled keys
+    in MViTv2), the shorter axis' coordinates are stretched by the length ratio, so that
+    positions are compared in the same units, then truncated to a row index, as detectron2
+    and the MViTv2 authors do.
+    """
+    table = resize_rel_pos(table, 2 * max(q_size, k_size) - 1)
+    q_scale, k_scale = max(k_size / q_size, 1.0), max(q_size / k_size, 1.0)
+    q_coords = torch.arange(q_size, device=table.device)[:, None] * q_scale
+    k_coords = torch.arange(k_size, device=table.device)[None, :] * k_scale
+    index = (q_coords - k_coords) + (k_size - 1) * k_scale
+    return table[index.long()]
+
+
+def decomposed_rel_pos(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                       q_hw: Sequence[int], k_hw: Sequence[int]) -> torch.Tensor:
+    """The decomposed relative-position term of MViTv2, as an additive attention mask.
+
+    For a query at ``(i, j)`` and a key at ``(m, n)`` the logit gains
+    ``q · R_h[i - m] + q · R_w[j - n]``: one table per axis instead of one per 2-D offset.
+
+    Args:
+        q: queries ``(..., q_h * q_w, C)`` before the attention scale is applied.
+        rel_pos_h, rel_pos_w: the tables of the height and width axes, ``(L, C)``.
+        q_hw, k_hw: the query and key grids.
+
+    Returns:
+        ``(..., q_h * q_w, k_h * k_w)``, to be added to ``q @ k.T * scale`` (the
+        ``attn_mask`` of ``scaled_dot_product_attention``).
+    """
+    (q_h, q_w), (k_h, k_w) = q_hw, k_hw
+    R_h = rel_pos_lookup(q_h, k_h, rel_pos_h).to(q.dtype)
+    R_w = rel_pos_lookup(q_w, k_w, rel_pos_w).to(q.dtype)
+    grid_q = q.unflatten(-2, (q_h, q_w))
+    rel_h = torch.einsum('...hwc,hkc->...hwk', grid_q, R_h)
+    rel_w = torch.einsum('...hwc,wkc->...hwk', grid_q, R_w)
+    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (..., q_h, q_w, k_h, k_w)
+    return bias.flatten(-4, -3).flatten(-2, -1)
+
+
+def abs_pos_embed_to_grid(pos_embed: torch.Tensor, hw: Sequence[int],
+                          num_prefix_tokens: int = 1) -> torch.Tensor:
+    """A ViT's learned ``(1, prefix + S*S, C)`` position embedding for an ``(h, w)`` token grid.
+
+    The prefix rows (the class token's slot) are dropped and the ``S x S`` grid resized
+    bicubically (``align_corners=False``, as detectron2's ViTDet does on every forward) when
+    it differs from ``(h, w)``. Returns ``(1, h, w, C)``.
+    """
+    grid = pos_embed[:, num_prefix_tokens:]
+    side = math.isqrt(grid.shape[1])
+    if side * side != grid.shape[1]:
+        raise ValueError(f'the position embedding has {grid.shape[1]} rows after {num_prefix_tokens} '
+                         'prefix row(s): not a square grid')
+    grid = resize_pos_embed(grid, (side, side), hw, mode='bicubic')
+    return grid.reshape(1, int(hw[0]), int(hw[1]), -1)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel of a ``(B, C, H, W)`` map.
+
+    detectron2's "LN" and mmdet's ``LN2d``; the result is a channels-last map (NCHW shape).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class Mlp(nn.Module):
+    """A transformer block's feed-forward part: fc1, exact (erf) GELU, fc2."""
+
+    def __init__(self, dims: int, hidden_dims: int, drop: float = 0.) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dims, hidden_dims)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dims, dims)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over a ``(B, H, W, C)`` map, with decomposed relative position.
+
+    Runs on PyTorch's fused ``scaled_dot_product_attention``; the relative-position term goes
+    in as its additive mask.
+
+    Args:
+        dims: channels of the tokens.
+        num_heads: attention heads; must divide ``dims``.
+        qkv_bias: bias in the query/key/value projection.
+        rel_pos_size: the ``(h, w)`` grid the relative-position tables are sized for
+            (``2 * h - 1`` and ``2 * w - 1`` rows; resized when the grid differs);
+            ``None`` for none.
+        attn_drop: dropout on attention weights (training only).
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(self, dims: int, num_heads: int, qkv_bias: bool = True, rel_pos_size: HW | None = None,
+                 attn_drop: float = 0., proj_drop: float = 0.) -> None:
+        super().__init__()
+        if dims % num_heads:
+            raise ValueError(f'num_heads ({num_heads}) must divide the embedding dims ({dims})')
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dims, 3 * dims, bias=qkv_bias)
+        self.proj = nn.Linear(dims, dims)
+        self.proj_drop = nn.Dropout(proj_drop)
+        head_dims = dims // num_heads
+        if rel_pos_size is not None:
+            # Zero start, as detectron2's default: pre-training checkpoints carry no tables.
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_pos_size[0] - 1, head_dims))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_pos_size[1] - 1, head_dims))
+        else:
+            self.register_parameter('rel_pos_h', None)
+            self.register_parameter('rel_pos_w', None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        heads = self.num_heads
+        # (B, heads, H*W, head_dim) each, as strided views of the projection.
+        q, k, v = self.qkv(x).reshape(B, H * W, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        mask = None
+        if self.rel_pos_h is not None:
+            mask = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.attn_drop if self.training else 0.)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, H, W, C)))
+
+
+class TransformerBlock(nn.Module):
+    """A plain pre-norm transformer block on a ``(B, H, W, C)`` map, windowed or global.
+
+    ``x + attn(norm1(x))`` then ``x + mlp(norm2(x))``. With ``window_size > 0`` attention
+    runs inside non-overlapping windows of the normalised map (zero-padded to a multiple of
+    the window, no mask), otherwise over the whole map.
+
+    Args:
+        dims, num_heads, qkv_bias: the attention's settings.
+        mlp_ratio: hidden width of the MLP relative to ``dims``.
+        window_size: side of the attention windows; 0 for global attention.
+        rel_pos_size: grid the relative-position tables are sized for (the window for a
+            windowed block); ``None`` for no relative position.
+        norm_eps: eps of both LayerNorms.
+        drop, attn_drop: dropout rates.
+        drop_path: stochastic-depth rate of both residual branches.
+    """
+
+    def __init__(self, dims: int, num_heads: int, mlp_ratio: float = 4., qkv_bias: bool = True,
+                 window_size: int = 0, rel_pos_size: HW | None = None, norm_eps: float = 1e-6,
+                 drop: float = 0., attn_drop: float = 0., drop_path: float = 0.) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(dims, eps=norm_eps)
+        self.attn = Attention(dims, num_heads, qkv_bias, rel_pos_size, attn_drop=attn_drop, proj_drop=drop)
+        self.norm2 = nn.LayerNorm(dims, eps=norm_eps)
+        self.mlp = Mlp(dims, int(dims * mlp_ratio), drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        if self.window_size > 0:
+            hw = (x.shape[1], x.shape[2])
+            windows, padded_hw = window_partition(h, self.window_size)
+            h = window_unpartition(self.attn(windows), self.window_size, padded_hw, hw)
+        else:
+            h = self.attn(h)
+        x = x + self.drop_path(h)
+        return x + self.drop_path(self.mlp(self.norm2(x)))

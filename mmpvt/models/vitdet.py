@@ -1,0 +1,499 @@
+"""ViTDet: a plain Vision Transformer with a simple feature pyramid, for dense prediction.
+
+Paper: "Exploring Plain Vision Transformer Backbones for Object Detection" (Li, Mao,
+Girshick, He; ECCV 2022). The design follows detectron2's ``ViT`` and
+``SimpleFeaturePyramid``: one stride-16 map from a column of transformer blocks (windowed
+attention in most of them, global attention in four), absolute position embeddings kept at
+the pre-training shape and resized on every forward, decomposed relative positions.
+
+mmpvt promises four maps to any FPN neck, so the pyramid's scale changes (deconvolutions,
+identity, max-pool) sit in the backbone; the paper's per-level 1x1/3x3 convolutions are the
+separate ``ViTDetNeck``.
+
+The file reads bottom-up: the backbone, the neck, checkpoint conversion, then the table of
+variants. The blocks and position helpers are in ``layers.py``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mmengine.logging import MMLogger, print_log
+from mmengine.model import BaseModule
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..registry import register_model
+from .base import DenseBackbone
+from .layers import LayerNorm2d, TransformerBlock, abs_pos_embed_to_grid, resize_pos_embed, resize_rel_pos
+
+# LayerNorm eps of detectron2's ViTDet and of the ViT/MAE pre-training code.
+NORM_EPS = 1e-6
+# The position embedding keeps one row in front of the grid for the pre-training class
+# token (it is never added to a patch token): the (1, 197, C) shape of every ViT release.
+NUM_PREFIX_TOKENS = 1
+# The paper's box and mask heads normalise with the same channel LayerNorm: registered so that
+# configs name it as a norm layer, norm_cfg=dict(type='LayerNorm2d', eps=1e-6).
+register_model(LayerNorm2d)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping ``patch_size`` patches to ``(B, H // p, W // p, C)`` tokens.
+
+    Sizes that are not multiples of the patch are floored (the last partial patch is
+    dropped), as in timm and detectron2.
+    """
+
+    def __init__(self, in_channels: int, embed_dims: int, patch_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, embed_dims, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A channels-last image makes the projection channels-last, so the (B, H, W, C)
+        # view below is contiguous and the blocks need no copy.
+        x = self.proj(x.contiguous(memory_format=torch.channels_last))
+        return x.permute(0, 2, 3, 1)
+
+
+@register_model
+class ViTDet(DenseBackbone):
+    """ViTDet's plain ViT with the scale changes of its simple pyramid: strides 4, 8, 16, 32.
+
+    The stride-16 map is the last block's output (no final norm). Level 0 (stride 4) is a
+    2x2/2 deconvolution to C/2, channel LayerNorm, GELU, a 2x2/2 deconvolution to C/4;
+    level 1 (stride 8) one deconvolution to C/2; level 2 (stride 16) the map itself; level 3
+    (stride 32) a 2x2 max-pool. Only the levels in ``out_indices`` are built, so no
+    parameter goes unused. Pair it with ``ViTDetNeck`` for the paper's detectors, or with
+    an ordinary FPN.
+
+    Args:
+        arch: tiny, small, base, large, huge (DeiT-Ti, ViT-S/B/L/H), or a dict with
+            ``embed_dims``, ``depth``, ``num_heads`` and optionally ``mlp_ratio`` (4),
+            ``global_attn_indexes`` (the last block of each quarter of the depth) and
+            ``drop_path_rate``.
+        img_size: the input size the global blocks' relative-position tables are sized
+            for (``2 * img_size / patch_size - 1`` rows); other sizes resize them.
+        patch_size: side of the square patches (the stride of the column).
+        in_channels: channels of the input image.
+        out_indices: levels to return, 0-based (strides 4, 8, 16, 32).
+        window_size: side of the attention windows of every block but the global ones;
+            0 makes every block global.
+        use_rel_pos: add decomposed relative positions in every block.
+        use_abs_pos: add the learned absolute position embedding after the patches.
+        pretrain_img_size: the image size the absolute position embedding was learned at
+            (224: a 14x14 grid plus the class-token row, shape (1, 197, C)).
+        qkv_bias: bias in the query/key/value projections.
+        drop_rate, attn_drop_rate: dropout after projections / on attention weights.
+        drop_path_rate: stochastic depth of the last block, growing linearly from 0; None
+            takes the variant's value (the paper's: 0.1 for B, 0.4 for L, 0.5 for H).
+        frozen_stages: 0 or -1 freeze nothing; ``k`` in 1..4 freezes the patch and position
+            embeddings and the first ``k * depth // 4`` blocks (the first k quarters of the
+            column: for B/L/H each quarter ends with a global block). The pyramid's scale
+            changes are new layers and are never frozen.
+        norm_eval, with_cp, check_finite, init_cfg: see ``DenseBackbone``. ``init_cfg``
+            loads timm/DeiT/MAE, detectron2 ViTDet (.pth and .pkl), mmdet's ViTDet project
+            and mmpvt checkpoints.
+    """
+
+    required_arch_keys = ('embed_dims', 'depth', 'num_heads')
+    level_strides = (4, 8, 16, 32)
+
+    def __init__(self, arch: str | Mapping[str, Any] = 'base', img_size: int | Sequence[int] = 1024,
+                 patch_size: int = 16, in_channels: int = 3, out_indices: int | Sequence[int] = (0, 1, 2, 3),
+                 window_size: int = 14, use_rel_pos: bool = True, use_abs_pos: bool = True,
+                 pretrain_img_size: int = 224, qkv_bias: bool = True, drop_rate: float = 0.,
+                 attn_drop_rate: float = 0., drop_path_rate: float | None = None, frozen_stages: int = -1,
+                 norm_eval: bool = False, with_cp: bool = False, check_finite: bool = True,
+                 init_cfg: Mapping[str, Any] | None = None) -> None:
+        super().__init__(arch, in_channels=in_channels, out_indices=out_indices, frozen_stages=frozen_stages,
+                         norm_eval=norm_eval, with_cp=with_cp, check_finite=check_finite, init_cfg=init_cfg)
+        settings = self.arch_settings
+        dims, depth = settings['embed_dims'], settings['depth']
+        if patch_size != 16:
+            raise ValueError(f'ViTDet: patch_size must be 16 (levels at strides 4, 8, 16, 32), '
+                             f'got {patch_size}')
+        if window_size < 0:
+            raise ValueError(f'ViTDet: window_size must be >= 0 (0: global attention), got {window_size}')
+        img_hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.patch_size = patch_size
+        self.window_size = window_size
+        self.use_rel_pos = use_rel_pos
+        self.patch_embed = PatchEmbed(in_channels, dims, patch_size)
+        self.pos_grid = (pretrain_img_size // patch_size,) * 2
+        if use_abs_pos:
+            self.pos_embed = nn.Parameter(torch.zeros(1, NUM_PREFIX_TOKENS + self.pos_grid[0] ** 2, dims))
+        else:
+            self.register_parameter('pos_embed', None)
+
+        if drop_path_rate is None:
+            drop_path_rate = settings['drop_path_rate']
+        # stochastic depth decay rule: linear over the blocks
+        rates = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()
+        global_blocks = set(settings['global_attn_indexes'])
+        self.blocks = nn.ModuleList()
+        for i in range(depth):
+            window = 0 if i in global_blocks else window_size
+            grid = (window, window) if window else (img_hw[0] // patch_size, img_hw[1] // patch_size)
+            self.blocks.append(TransformerBlock(
+                dims, settings['num_heads'], settings['mlp_ratio'], qkv_bias, window_size=window,
+                rel_pos_size=grid if use_rel_pos else None, norm_eps=NORM_EPS, drop=drop_rate,
+                attn_drop=attn_drop_rate, drop_path=rates[i]))
+
+        # The scale changes of the simple pyramid, flat in the state dict.
+        if 0 in self.out_indices:
+            self.scale_x4 = nn.Sequential(
+                nn.ConvTranspose2d(dims, dims // 2, 2, stride=2), LayerNorm2d(dims // 2, eps=NORM_EPS),
+                nn.GELU(), nn.ConvTranspose2d(dims // 2, dims // 4, 2, stride=2))
+        if 1 in self.out_indices:
+            self.scale_x2 = nn.Sequential(nn.ConvTranspose2d(dims, dims // 2, 2, stride=2))
+        self.level_channels = (dims // 4, dims // 2, dims, dims)
+
+        self.apply(_init_weights)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=.02)
+        self.freeze_stages()
+
+    # -- the family's part of the base ------------------------------------------------------
+    def _complete_arch(self, settings: dict[str, Any]) -> dict[str, Any]:
+        dims, depth, heads = settings['embed_dims'], settings['depth'], settings['num_heads']
+        if depth < 1 or dims % heads or dims % 4:
+            raise ValueError(f'ViTDet: arch needs depth >= 1 and embed_dims divisible by num_heads and by 4 '
+                             f'(the stride-4 level has embed_dims / 4 channels); got embed_dims={dims}, '
+                             f'depth={depth}, num_heads={heads}')
+        settings.setdefault('mlp_ratio', 4.)
+        settings.setdefault('drop_path_rate', 0.1)
+        # Global attention closes each quarter of the column, as in the paper's B, L and H.
+        quarter_ends = sorted({max(depth * k // 4 - 1, 0) for k in (1, 2, 3, 4)})
+        indexes = tuple(settings.setdefault('global_attn_indexes', quarter_ends))
+        in_range = all(isinstance(i, int) and 0 <= i < depth for i in indexes)
+        if len(set(indexes)) != len(indexes) or not in_range:
+            raise ValueError(f'ViTDet: global_attn_indexes must be distinct block indices in '
+                             f'[0, {depth - 1}], got {indexes}')
+        settings['global_attn_indexes'] = indexes
+        return settings
+
+    @staticmethod
+    def convert_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return convert_vitdet_state_dict(checkpoint)
+
+    def frozen_modules(self, num_stages: int) -> list[nn.Module]:
+        """The embeddings and the first ``num_stages`` quarters of the blocks (none for 0).
+
+        The position embedding is a bare parameter of the backbone (timm's and detectron2's
+        key ``pos_embed``); it goes in as a one-entry ParameterList that views it.
+        """
+        if num_stages <= 0:
+            return []
+        embeddings = [self.patch_embed]
+        if self.pos_embed is not None:
+            embeddings.append(nn.ParameterList([self.pos_embed]))
+        return [*embeddings, *self.blocks[:len(self.blocks) * num_stages // self.num_stages]]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def layer_id(self, name: str) -> int:
+        if name == 'pos_embed' or name.startswith('patch_embed.'):
+            return 0
+        if m := re.match(r'blocks\.(\d+)\.', name):
+            return int(m[1]) + 1
+        if name.startswith(('scale_x4.', 'scale_x2.')):
+            return self.num_layers + 1
+        raise ValueError(f'ViTDet.layer_id: {name!r} is no parameter of the backbone')
+
+    def adapt_tensor(self, name: str, loaded: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
+        """Fits position embeddings and relative-position tables learned at other sizes.
+
+        An absolute embedding of another square grid (e.g. 384 pre-training, 24x24) is
+        resized bicubically to the model's grid; a relative-position table of another length
+        (another ``img_size`` or window) is resized linearly. Anything else is refused.
+        """
+        if name == 'pos_embed' and loaded.dim() == 3 and loaded.shape[2] == own.shape[2]:
+            side = math.isqrt(loaded.shape[1] - NUM_PREFIX_TOKENS)
+            if side * side == loaded.shape[1] - NUM_PREFIX_TOKENS:
+                prefix, grid = loaded[:, :NUM_PREFIX_TOKENS], loaded[:, NUM_PREFIX_TOKENS:]
+                grid = resize_pos_embed(grid, (side, side), self.pos_grid, mode='bicubic')
+                return torch.cat([prefix, grid], dim=1)
+        if name.endswith(('attn.rel_pos_h', 'attn.rel_pos_w')) and loaded.dim() == 2 \
+                and loaded.shape[1] == own.shape[1]:
+            return resize_rel_pos(loaded, own.shape[0])
+        return None
+
+    def adapt_loaded_state_dict(self, state_dict: dict[str, Any], prefix: str = '') -> None:
+        """The base's shape check, and the gaps a ViTDet checkpoint may have by design.
+
+        - Tensors of pyramid levels this model does not build (``out_indices``) are skipped,
+          with a log line.
+        - A checkpoint of the plain column (MAE, timm, DeiT: no relative-position tables,
+          no pyramid) lacks whole groups of this model's tensors: the relative-position
+          tables (detectron2 starts them at zero too) and the scale changes. A group absent
+          as a whole, beside a complete trunk, keeps the model's own values (its
+          initialisation, zeros for the tables), with a warning that names it. A group only
+          partly present is left to fail as any missing key does.
+        """
+        logger = MMLogger.get_current_instance()
+        unbuilt = tuple(name for name, level in (('scale_x4.', 0), ('scale_x2.', 1))
+                        if level not in self.out_indices)
+        skipped = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].startswith(unbuilt)]
+        for key in skipped:
+            del state_dict[key]
+        if skipped:
+            print_log(f'{type(self).__name__}: skipped {len(skipped)} checkpoint tensors of pyramid levels '
+                      f'outside out_indices {self.out_indices}', logger)
+        super().adapt_loaded_state_dict(state_dict, prefix)
+        own = self.state_dict()
+        groups = {'relative-position tables': [k for k in own if k.endswith(('.rel_pos_h', '.rel_pos_w'))],
+                  'pyramid scale changes': [k for k in own if k.startswith(('scale_x4.', 'scale_x2.'))]}
+        trunk = [k for k in own if not any(k in group for group in groups.values())]
+        if not all(prefix + k in state_dict for k in trunk):
+            return
+        for what, keys in groups.items():
+            if keys and not any(prefix + k in state_dict for k in keys):
+                state_dict.update({prefix + k: own[k] for k in keys})
+                print_log(f'{type(self).__name__}: the checkpoint has no {what} (expected of a '
+                          f'pre-training file): {len(keys)} tensors keep their initialisation', logger,
+                          level=logging.WARNING)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Returns the maps of ``out_indices``: ``(B, out_channels[k], H / s_k, W / s_k)``.
+
+        For inputs padded to ``size_divisor`` (32) the sizes are exact; otherwise the patch
+        embedding floors to whole patches and the stride-32 max-pool floors odd grids. The
+        maps are channels-last in memory (NCHW shape).
+        """
+        self.check_input(x)
+        x = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = x + abs_pos_embed_to_grid(self.pos_embed, x.shape[1:3], NUM_PREFIX_TOKENS)
+        recompute = self.with_cp and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+        x = x.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last
+        return tuple(self._level(i, x) for i in self.out_indices)
+
+    def _level(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        """Pyramid level ``level`` (stride ``4 * 2**level``) of the stride-16 map ``x``."""
+        if level == 0:
+            return self.scale_x4(x)
+        if level == 1:
+            return self.scale_x2(x)
+        return x if level == 2 else F.max_pool2d(x, kernel_size=2, stride=2)
+
+
+def _init_weights(m: nn.Module) -> None:
+    """detectron2's ViT initialisation: truncated-normal linears, unit LayerNorms.
+
+    Convolutions keep PyTorch's default, as in detectron2's patch embedding and pyramid.
+    """
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+class ConvNorm(nn.Sequential):
+    """A convolution without bias followed by a channel LayerNorm (no activation)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, norm_eps: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.norm = LayerNorm2d(out_channels, eps=norm_eps)
+
+
+@register_model
+class ViTDetNeck(BaseModule):
+    """The rest of ViTDet's simple feature pyramid, after the backbone's scale changes.
+
+    Each input level gets a 1x1 convolution to ``out_channels`` + channel LayerNorm, then a
+    3x3 convolution + channel LayerNorm (no bias, no activation, no top-down path, unlike
+    FPN). Levels beyond the inputs (``num_outs``) subsample the last one by 2 (max-pool with
+    kernel 1), detectron2's ``LastLevelMaxPool``.
+
+    Args:
+        in_channels: channels of each input map, e.g. ``ViTDet.out_channels``.
+        out_channels: channels of every output map.
+        num_outs: number of output maps (5 for the paper's detectors: strides 4 to 64).
+        norm_eps: eps of the channel LayerNorms (detectron2: 1e-6).
+        init_cfg: mmengine init config; the default keeps PyTorch's initialisation, as
+            detectron2 does.
+    """
+
+    def __init__(self, in_channels: Sequence[int], out_channels: int = 256, num_outs: int = 5,
+                 norm_eps: float = NORM_EPS, init_cfg: Mapping[str, Any] | None = None) -> None:
+        super().__init__(init_cfg=init_cfg)
+        self.in_channels = tuple(in_channels)
+        if not self.in_channels or num_outs < len(self.in_channels):
+            raise ValueError(f'ViTDetNeck: num_outs ({num_outs}) must be at least the number of inputs '
+                             f'({len(self.in_channels)}), which must be at least one')
+        self.out_channels = out_channels
+        self.num_outs = num_outs
+        self.lateral_convs = nn.ModuleList(ConvNorm(c, out_channels, 1, norm_eps) for c in self.in_channels)
+        self.output_convs = nn.ModuleList(ConvNorm(out_channels, out_channels, 3, norm_eps)
+                                          for _ in self.in_channels)
+
+    def forward(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if len(inputs) != len(self.in_channels):
+            raise ValueError(f'ViTDetNeck: expected {len(self.in_channels)} input maps, got {len(inputs)}')
+        outs = [out(lateral(x)) for x, lateral, out in zip(inputs, self.lateral_convs, self.output_convs)]
+        while len(outs) < self.num_outs:
+            outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
+        return tuple(outs)
+
+
+# -- checkpoint conversion -------------------------------------------------------------------
+# mmpvt's layout: patch_embed.proj, pos_embed (1, 1 + S*S, C), blocks.{i}.{norm1, attn.qkv,
+# attn.proj, attn.rel_pos_h, attn.rel_pos_w, norm2, mlp.fc1, mlp.fc2}, scale_x4.{0, 1, 3},
+# scale_x2.0. The trunk's names are timm's (and detectron2's under ``net.``).
+
+# Entries of classification and pre-training checkpoints a detection backbone has no use for:
+# class/distillation/register/mask tokens, final norms, heads, the MAE decoder.
+PRETRAINING_KEYS = re.compile(
+    r'^(cls_token|dist_token|reg_token|mask_token|norm\.|fc_norm\.|head\.|head_dist\.|head_drop\.|'
+    r'attn_pool\.|decoder_)')
+# The scale changes inside the pyramids of detectron2 (simfp_{log2 stride}.{index}) and of
+# mmdet's ViTDet project (neck.fpn{level}.{index}), by mmpvt name. What follows them there
+# (the 1x1/3x3 convolutions) is ViTDetNeck's, not the backbone's.
+_PYRAMID_RENAMES = (
+    (re.compile(r'^simfp_2\.([013])\.'), r'scale_x4.\1.'),
+    (re.compile(r'^simfp_3\.0\.'), 'scale_x2.0.'),
+    (re.compile(r'^neck\.fpn1\.([013])\.'), r'scale_x4.\1.'),
+    (re.compile(r'^neck\.fpn2\.0\.'), 'scale_x2.0.'),
+)
+_QKV = re.compile(r'^(net\.)?blocks\.\d+\.attn\.qkv\.weight$')
+# Keys of other families whose blocks share timm's names: MViTv2's pooling attention,
+# T2T-ViT's tokens-to-token module.
+_OTHER_FAMILIES = re.compile(r'(\.attn\.pool_[qkv]\.|^tokens_to_token\.)')
+
+
+def unwrap_vitdet_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The flat state dict inside a release, training or detector checkpoint.
+
+    Takes the first of ``state_dict`` (mmengine), ``model`` (timm/DeiT/MAE/detectron2) and
+    ``module`` that holds a dict, and strips a ``module.`` (DataParallel) prefix.
+    """
+    state = checkpoint
+    for wrapper in ('state_dict', 'model', 'module'):
+        if isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+            break
+    if state and all(k.startswith('module.') for k in state):
+        state = {k[len('module.'):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def detect_vitdet_layout(state_dict: Mapping[str, Any]) -> str:
+    """Names the layout of an (unwrapped) plain-ViT state dict.
+
+    'detectron2' (``backbone.net.*``, ``backbone.simfp_*``), 'mmdet' (the ViTDet project:
+    ``backbone.*``, ``neck.fpn*``), 'mae' (timm names with the MAE decoder or mask token),
+    'timm' (timm ``vit_*``, DeiT, MAE encoder files) or 'mmpvt'. Raises ValueError for
+    anything else (a PVT, a ResNet).
+    """
+    keys = [k[len('backbone.'):] if k.startswith('backbone.') else k for k in state_dict]
+    if not any(_QKV.match(k) for k in keys) or any(_OTHER_FAMILIES.search(k) for k in keys):
+        raise ValueError('not a plain ViT state dict in any known layout (timm/DeiT/MAE, detectron2 '
+                         f'ViTDet, mmdet ViTDet, mmpvt); first keys: {list(state_dict)[:5]}')
+    if any(k.startswith(('net.', 'simfp_')) for k in keys):
+        return 'detectron2'
+    if any(k.startswith(('scale_x4.', 'scale_x2.')) for k in keys):
+        return 'mmpvt'
+    if any(k.startswith('neck.fpn') for k in state_dict):
+        return 'mmdet'
+    if any(k.startswith(('decoder_', 'mask_token')) for k in keys):
+        return 'mae'
+    return 'timm'
+
+
+def _prefix_rows(rows: int) -> int:
+    """How many rows in front of the grid a position embedding of ``rows`` rows holds.
+
+    The rows beyond the largest square: 0 (timm without a class token), 1 (class token),
+    2 (DeiT's distillation token), 1 + 4 registers. Unambiguous while there are fewer
+    prefix rows than ``2 * side + 1`` (at least 29 for a 14x14 grid).
+    """
+    return rows - math.isqrt(rows) ** 2
+
+
+def _backbone_key(key: str, detector: bool) -> str | None:
+    """The mmpvt name of a (unwrapped) checkpoint key, or None if the backbone has no use for it."""
+    if detector:  # only the backbone and the scale changes in mmdet's neck are the backbone's
+        if key.startswith('backbone.'):
+            key = key[len('backbone.'):]
+        elif not key.startswith(('neck.fpn1.', 'neck.fpn2.')):
+            return None
+    for pattern, new in _PYRAMID_RENAMES:
+        if pattern.match(key):
+            return pattern.sub(new, key)
+    if PRETRAINING_KEYS.match(key) or key.startswith(('simfp_', 'neck.')):
+        return None  # simfp's other layers are the neck's
+    return key[len('net.'):] if key.startswith('net.') else key
+
+
+def _is_detector(state: Mapping[str, Any]) -> bool:
+    return any(k.startswith('backbone.') for k in state)
+
+
+def vitdet_dropped_keys(checkpoint: Mapping[str, Any]) -> list[str]:
+    """The keys of ``checkpoint`` that :func:`convert_vitdet_state_dict` leaves out."""
+    state = unwrap_vitdet_checkpoint(checkpoint)
+    detector = _is_detector(state)
+    return [k for k in state if _backbone_key(k, detector) is None]
+
+
+def convert_vitdet_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Converts a plain-ViT / ViTDet checkpoint in any known layout to mmpvt's ViTDet layout.
+
+    Accepts timm's ``vit_*`` and DeiT (also distilled) releases, MAE pre-training files,
+    detectron2 ViTDet detector checkpoints (``.pth``, or the ``.pkl`` numpy pickles once
+    read), mmdet's ViTDet project (backbone and the neck's scale changes) and mmpvt's own,
+    inside any ``state_dict``/``model`` wrapper. Dropped: classification and pre-training
+    entries (tokens, final norm, heads, MAE decoder) and everything outside the backbone;
+    any other key is kept, so that a foreign tensor fails the load instead of vanishing.
+    The position embedding gets exactly one row in front of its grid (timm's class-token-free
+    models have none, DeiT's distilled ones two). Pure and idempotent.
+
+    Raises:
+        ValueError: the checkpoint is no plain-ViT state dict in a known layout.
+    """
+    state = unwrap_vitdet_checkpoint(checkpoint)
+    detect_vitdet_layout(state)
+    detector = _is_detector(state)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        new = _backbone_key(key, detector)
+        if new is not None:
+            out[new] = torch.as_tensor(value) if isinstance(value, np.ndarray) else value
+    if 'pos_embed' in out:
+        pos = out['pos_embed']
+        prefix = _prefix_rows(pos.shape[1])
+        if prefix != NUM_PREFIX_TOKENS:
+            front = pos[:, :1] if prefix else pos.new_zeros(1, 1, pos.shape[2])
+            out['pos_embed'] = torch.cat([front, pos[:, prefix:]], dim=1)
+    return out
+
+
+# -- variants --------------------------------------------------------------------------------
+# drop_path_rate: the paper's detectors (B 0.1, L 0.4, H 0.5); the small ones as B.
+_B = dict(depth=12, global_attn_indexes=(2, 5, 8, 11), drop_path_rate=0.1)
+VITDET_ARCHS: dict[str, dict[str, Any]] = {
+    'tiny': dict(_B, embed_dims=192, num_heads=3),
+    'small': dict(_B, embed_dims=384, num_heads=6),
+    'base': dict(_B, embed_dims=768, num_heads=12),
+    'large': dict(embed_dims=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23),
+                  drop_path_rate=0.4),
+    'huge': dict(embed_dims=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31),
+                 drop_path_rate=0.5),
+}
+
+ViTDet.arch_zoo = VITDET_ARCHS
