@@ -7,6 +7,7 @@ randomly initialised weights are written in each layout, loaded through the back
 import functools
 import http.server
 import logging
+import re
 import subprocess
 import threading
 from pathlib import Path
@@ -20,7 +21,17 @@ from mmpvt import PVT, PVTv2, convert_pvt_state_dict
 from mmpvt.checkpoint import CheckpointError
 from mmpvt.models.pvt import detect_layout
 
-from layouts import mmpvt_v1_to_official, timm_v2_to_official
+from layouts import (
+    MANIFEST_DIR,
+    bilinear_resize,
+    logged_messages,
+    mmdet_source,
+    mmpvt_v1_to_official,
+    official_source,
+    read_manifest,
+    timm_source,
+    timm_v2_to_official,
+)
 
 V2_ARCHS = ['b0', 'b1', 'b2', 'b2_li', 'b3', 'b4', 'b5']
 AWKWARD = (1, 3, 225, 290)
@@ -157,11 +168,43 @@ def test_state_dict_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
 
 
-def test_v1_position_embeddings_from_another_pretraining_size_are_resized(tmp_path):
-    state = PVT(arch='tiny', pretrain_img_size=448).state_dict()
-    torch.save(state, tmp_path / 'pvt_448.pth')
-    model = load_through_init_cfg(PVT, 'tiny', tmp_path / 'pvt_448.pth')
-    assert model.stages[0].pos_embed.shape == (1, 56 * 56, 64)
+def test_reference_resize_is_mmdets(tmp_path):
+    """The tests' bilinear resize is the one mmdet's built-in PVT applies to its embeddings."""
+    from mmdet.models.backbones.pvt import AbsolutePositionEmbedding
+    embedding = AbsolutePositionEmbedding(pos_shape=14, pos_dim=8)
+    embedding.init_weights()
+    pos = embedding.pos_embed.detach()
+    for hw in ((7, 7), (28, 28), (7, 10), (20, 9)):
+        assert torch.equal(bilinear_resize(pos, 14, hw), embedding.resize_pos_embed(pos, hw))
+
+
+@functools.cache
+def pvt_tiny_448():
+    """A PVT-Tiny state dict whose position embeddings were learned at 448x448."""
+    torch.manual_seed(4)
+    return PVT(arch='tiny', pretrain_img_size=448).state_dict()
+
+
+# A non-square target grid catches height and width swapped.
+@pytest.mark.parametrize('layout, size', [('mmpvt', 224), ('official', (224, 320))],
+                         ids=['mmpvt-224', 'official-224x320'])
+def test_v1_position_embeddings_from_another_pretraining_size_are_resized(layout, size, tmp_path):
+    """Embeddings learned at 448 load into a 224 (or 224x320) model resized bilinearly, each logged."""
+    source = pvt_tiny_448()
+    # The authors' files carry the class token's slot in front of the last stage's embedding.
+    torch.save(mmpvt_v1_to_official(source) if layout == 'official' else source, tmp_path / 'pvt_448.pth')
+    with logged_messages() as messages:
+        model = load_through_init_cfg(PVT, 'tiny', tmp_path / 'pvt_448.pth', pretrain_img_size=size)
+    h, w = (size, size) if isinstance(size, int) else size
+    for i, stride in enumerate((4, 8, 16, 32)):
+        key, side, hw = f'stages.{i}.pos_embed', 448 // stride, (h // stride, w // stride)
+        loaded = model.state_dict()[key]
+        expected = bilinear_resize(source[key], side, hw)
+        # The same interpolation on another memory layout: equal up to float rounding.
+        torch.testing.assert_close(loaded, expected, rtol=0, atol=1e-7,
+                                   msg=lambda detail, key=key: f'{key} is not the bilinear resize: {detail}')
+        assert (f"{key}: fitted the checkpoint's {tuple(source[key].shape)} "
+                f"to the model's {tuple(loaded.shape)}") in messages
 
 
 def test_other_variant_is_refused_with_key_and_shapes(tmp_path):
@@ -229,12 +272,21 @@ def http_server(tmp_path):
 
 
 def test_checkpoint_from_url_is_downloaded_once_and_loaded(http_server, tmp_path, monkeypatch):
+    """Two models from one URL: the server answers one request, the second load reads the cache."""
     root, url = http_server
+    requests = []  # (method, path, status) of every request the server answered
+
+    def log_request(handler, code='-', size='-'):
+        requests.append((handler.command, handler.path, int(code)))
+
+    monkeypatch.setattr(http.server.SimpleHTTPRequestHandler, 'log_request', log_request)
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
     state, x, refs = timm_reference('b0')
     torch.save(timm_v2_to_official(state), root / 'pvt_v2_b0.pth')
-    model = load_through_init_cfg(PVTv2, 'b0', f'{url}/pvt_v2_b0.pth')
-    assert max_abs_diff(features(model, x), refs) <= 1e-5
+    for _ in range(2):
+        model = load_through_init_cfg(PVTv2, 'b0', f'{url}/pvt_v2_b0.pth')
+        assert max_abs_diff(features(model, x), refs) <= 1e-5
+        assert requests == [('GET', '/pvt_v2_b0.pth', 200)]
     assert (tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'pvt_v2_b0.pth').is_file()
 
 
@@ -257,3 +309,79 @@ def test_convert_checkpoint_cli(tmp_path, python):
     failed = subprocess.run([python, 'tools/convert_checkpoint.py', tmp_path / 'no.pth', tmp_path / 'x.pth'],
                             cwd=ROOT_DIR, capture_output=True, text=True)
     assert failed.returncode == 1 and 'checkpoint not found' in failed.stderr
+
+
+# -- checkpoints built from the sources' own key manifests -----------------------------------
+# manifests/ holds the tensor names and shapes of the authors' classification models, timm's
+# pvt_v2 and mmdet's built-in PVTs, every variant (see manifests/README.md). A checkpoint built
+# from one, in the form its source ships, must load with no key missing, none left over but
+# the classification ones, and every tensor where the layout puts it.
+MANIFESTS = {path.stem: read_manifest(path) for path in sorted(MANIFEST_DIR.glob('*.json'))}
+MANIFEST_CASES = [(stem, arch) for stem, manifest in MANIFESTS.items() for arch in manifest['variants']]
+# What a source holds for classification only, which the converter documents dropping (head,
+# final norm, class token); mmdet's backbones hold none.
+CLASSIFICATION_ONLY = {'official': re.compile(r'head\.|norm\.|cls_token$'), 'timm': re.compile(r'head\.'),
+                       'mmdet': None}
+
+
+def source_of(layout, family, key):
+    """Where ``layout`` keeps mmpvt's ``key``, and the transform to mmpvt's tensor."""
+    if layout == 'official':
+        return official_source(key)
+    if layout == 'timm':
+        return timm_source(key)
+    return mmdet_source(key, v1=family == 'PVT')
+
+
+def as_shipped(layout, tensors):
+    """``tensors`` in the file form their source publishes: the authors' and timm's files are
+    plain state dicts; mmdet's are detector checkpoints (``state_dict``, ``backbone.`` prefix)."""
+    if layout != 'mmdet':
+        return dict(tensors)
+    detector = {f'backbone.{k}': v for k, v in tensors.items()}
+    detector['neck.fpn_convs.0.conv.weight'] = torch.zeros(1)
+    detector['bbox_head.retina_cls.weight'] = torch.zeros(1)
+    return {'meta': {'mmdet_version': '3.3.0', 'epoch': 12}, 'state_dict': detector}
+
+
+def fully_loaded(arch):
+    """Loaded from a file through init_cfg, values compared: the smallest variant of each
+    family. Building a larger model takes seconds, so the other variants' conversion is checked
+    against the model built on the meta device (every name and shape, no values)."""
+    return arch in ('tiny', 'b0')
+
+
+@pytest.mark.parametrize('stem, arch', MANIFEST_CASES, ids=[f'{s}-{a}' for s, a in MANIFEST_CASES])
+def test_checkpoints_built_from_source_manifests_load_completely(stem, arch, tmp_path):
+    manifest = MANIFESTS[stem]
+    layout, family = manifest['layout'], manifest['family']
+    cls = {'PVT': PVT, 'PVTv2': PVTv2}[family]
+    full = fully_loaded(arch)
+    tensors = {k: torch.randn(shape, device='cpu' if full else 'meta')
+               for k, shape in manifest['variants'][arch].items()}
+    checkpoint = as_shipped(layout, tensors)
+    if full:
+        torch.save(checkpoint, tmp_path / f'{stem}_{arch}.pth')
+        with logged_messages() as messages:
+            loaded = load_through_init_cfg(cls, arch, tmp_path / f'{stem}_{arch}.pth').state_dict()
+        assert f'{family}: missing keys: none' in messages and f'{family}: unexpected keys: none' in messages
+    else:
+        with torch.device('meta'):
+            own = cls(arch=arch).state_dict()
+        loaded = convert_pvt_state_dict(checkpoint)
+        assert sorted(own.keys() - loaded.keys()) == [], 'missing from the converted checkpoint'
+        assert sorted(loaded.keys() - own.keys()) == [], 'not in the model'
+        assert [k for k in own if own[k].shape != loaded[k].shape] == [], 'shapes differ'
+    # Every tensor of the model is the one the source's layout puts there.
+    used = set()
+    for key, value in loaded.items():
+        name, transform = source_of(layout, family, key)
+        assert name in tensors, f'{key} comes from {name} in the {layout} layout, which {stem} lacks'
+        expected = transform(tensors[name])
+        assert value.shape == expected.shape, key
+        assert value.device.type == 'meta' or torch.equal(value, expected), f'{key} is not {name}'
+        used.add(name)
+    # Nothing is left over but what the source holds for classification.
+    classification = CLASSIFICATION_ONLY[layout]
+    documented = sorted(k for k in tensors if classification and classification.match(k))
+    assert sorted(tensors.keys() - used) == documented

@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmpvt import PVT, PVTv2
 from mmpvt.models.layers import nchw_to_nlc, nlc_to_nchw
 from mmpvt.models.pvt import Mlp
+from mmpvt.ops import dwconv_gelu
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 TINY = dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 1, 1), num_heads=(1, 2, 3, 4),
@@ -39,14 +41,70 @@ def test_compiled_backbone_matches_eager():
             torch.testing.assert_close(out, ref, rtol=0, atol=1e-4)
 
 
+class CopyCounter(TorchDispatchMode):
+    """Every copying ATen operator a region dispatches, as (name, shape of the copy).
+
+    Counted at the dispatcher, as the harness's ``--op-times`` times operators: a layout change
+    anywhere (``.contiguous()``, a ``reshape`` that cannot view, ``.to(memory_format=...)``)
+    arrives here as one of these.
+    """
+
+    COPIES = frozenset({'copy_', 'clone', '_to_copy', 'contiguous'})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.COPIES:
+            self.copies.append((func.overloadpacket.__name__, tuple(args[0].shape)))
+        return func(*args, **(kwargs or {}))
+
+
 def test_maps_stay_channels_last_without_layout_copies():
-    """Every stage's map is a channels-last view: no NCHW copy between stages."""
+    """Every copy a PVTv2 forward and training step make, counted; none changes a map's layout.
+
+    The forward copies the input image once (NCHW to channels-last, as ``forward`` says) and,
+    in each fused MLP, the (hidden, 1, 3, 3) depthwise weights as the kernel's (9, hidden) tap
+    table (parameter-sized). The backward adds, per attention block, the gradient of the
+    stacked keys and values (B, N_kv, 2, heads, head_dim): the forward reads k and v as
+    strided views of kv's output, and the backward assembles their gradients into that one
+    contiguous tensor for kv's linear layer; and, per fused MLP, the taps' gradient written back
+    in the weight's layout. The layer path (kernel off: CUDA, float16) instead writes the
+    depthwise conv's border in place (its fc1-bias correction): four edges and four corners
+    per block, no whole map. Measured on this model: exactly these, nothing else.
+    """
     model = PVTv2(arch=TINY).eval()
-    with torch.no_grad():
-        outs = model(torch.randn(2, 3, 64, 96))
+    x = torch.randn(2, 3, 64, 96)
+    B = x.shape[0]
+    with torch.no_grad(), CopyCounter() as counter:
+        outs = model(x)
     assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outs)
-    dwconv = model.stages[0].blocks[0].mlp.dwconv
-    assert dwconv.weight.is_contiguous(memory_format=torch.channels_last)
+    blocks = [(block, tuple(out.shape[2:]))
+              for stage, out in zip(model.stages, outs) for block in stage.blocks]
+    image = [('clone', tuple(x.shape))]
+    taps = [('clone', (9, block.mlp.fc1.out_features)) for block, _ in blocks]
+    assert sorted(counter.copies) == sorted(image + taps)
+
+    kv_grads, weight_grads = [], []
+    for block, (h, w) in blocks:
+        attn, hidden = block.attn, block.mlp.fc1.out_features
+        n_kv = (h // attn.sr_ratio) * (w // attn.sr_ratio)
+        kv_grads.append(('clone', (B, n_kv, 2, attn.num_heads, attn.q.out_features // attn.num_heads)))
+        weight_grads.append(('copy_', (hidden, 1, 3, 3)))
+    model.train()
+    with CopyCounter() as counter:
+        sum(o.sum() for o in model(x)).backward()
+    assert sorted(counter.copies) == sorted(image + taps + kv_grads + weight_grads)
+
+    borders = []
+    for block, (h, w) in blocks:
+        hidden = block.mlp.fc1.out_features
+        edges = [('copy_', (B, hidden, w))] * 2 + [('copy_', (B, hidden, h))] * 2  # rows, columns
+        borders += edges + [('copy_', (B, hidden))] * 4  # and corners
+    with torch.no_grad(), dwconv_gelu.enabled(False), CopyCounter() as counter:
+        model.eval()(x)
+    assert sorted(counter.copies) == sorted(image + borders)
 
 
 def test_with_cp_trains_like_without_under_autocast():

@@ -180,6 +180,12 @@ def test_dropout_free_eval_is_deterministic_and_train_mode_drops():
         assert not torch.equal(model(x)[3], model(x)[3])
 
 
+# Largest error of any map relative to its scale, measured over seeds 0-3: bfloat16 1.24%
+# (8 mantissa bits; the fused kernel on the CPU), float16 0.16% (11 bits; the layers). The
+# bounds are about three times that.
+AUTOCAST_BOUNDS = {torch.bfloat16: 0.035, torch.float16: 0.005}
+
+
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_autocast_outputs_are_finite_and_close_to_fp32(dtype):
     model = PVTv2(arch='b0').eval()
@@ -189,9 +195,9 @@ def test_autocast_outputs_are_finite_and_close_to_fp32(dtype):
         with torch.autocast('cpu', dtype=dtype):
             low = model(x)
     for r, o in zip(reference, low):
+        assert o.dtype == dtype
         assert torch.isfinite(o).all()
-        # relative to the map's scale: bf16 keeps 8 mantissa bits
-        assert (o.float() - r).abs().max() / r.abs().max() < 0.1
+        assert (o.float() - r).abs().max() / r.abs().max() < AUTOCAST_BOUNDS[dtype]
 
 
 # -- bad arguments and inputs ----------------------------------------------------------------

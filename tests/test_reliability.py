@@ -8,6 +8,8 @@ from mmengine.runner import load_checkpoint
 from mmpvt import PVT, PVTv2
 from mmpvt.checkpoint import CheckpointError, load_checkpoint_file
 
+from layouts import bilinear_resize, logged_messages
+
 TINY = dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 1, 1), num_heads=(1, 2, 3, 4),
             mlp_ratios=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1))
 
@@ -76,8 +78,18 @@ def test_other_variant_through_load_from_is_refused(tmp_path):
 
 
 def test_v1_checkpoint_from_another_size_loads_through_load_from(tmp_path):
-    torch.save({'state_dict': {f'backbone.{k}': v for k, v in PVT(arch='tiny', pretrain_img_size=448)
-                               .state_dict().items()}}, tmp_path / 'pvt448.pth')
+    """mmengine's load_from path resizes v1 position embeddings as init_cfg does, and logs each."""
+    source = PVT(arch='tiny', pretrain_img_size=448).state_dict()
+    torch.save({'state_dict': {f'backbone.{k}': v for k, v in source.items()}}, tmp_path / 'pvt448.pth')
     model = Detector(PVT(arch='tiny'))
-    load_checkpoint(model, str(tmp_path / 'pvt448.pth'), strict=False)
-    assert model.backbone.stages[0].pos_embed.shape == (1, 56 * 56, 64)
+    with logged_messages() as messages:
+        load_checkpoint(model, str(tmp_path / 'pvt448.pth'), strict=False)
+    for i, stride in enumerate((4, 8, 16, 32)):
+        key, side, grid = f'stages.{i}.pos_embed', 448 // stride, 224 // stride
+        loaded = model.backbone.state_dict()[key]
+        # The same interpolation on another memory layout: equal up to float rounding.
+        torch.testing.assert_close(loaded, bilinear_resize(source[key], side, (grid, grid)),
+                                   rtol=0, atol=1e-7,
+                                   msg=lambda detail, key=key: f'{key} is not the bilinear resize: {detail}')
+        assert (f"backbone.{key}: fitted the checkpoint's {tuple(source[key].shape)} "
+                f"to the model's {tuple(loaded.shape)}") in messages

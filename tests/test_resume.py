@@ -5,12 +5,14 @@ RetinaNet-PVTv2-b0 on a tiny synthetic COCO set, five iterations on the CPU, kil
 SIGKILL after the checkpoint of iteration 3. The backbone keeps its stochastic depth
 (drop_path_rate 0.1), so the resumed iterations draw random masks: without
 ``IterationSeedHook`` (added by tools/train.py) they come out different from the
-uninterrupted run's, and so do the losses and weights. Four images in batches of two make
+uninterrupted run's, and so do the losses and weights: the single-process test resumes the
+same checkpoint once more without the hook and checks that. Four images in batches of two make
 an epoch of two iterations: the resumed run's fast-forward over the three trained
 batches starts a new pass over the data, as long runs do.
 """
 import json
 import random
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -62,23 +64,43 @@ def logged_iterations(work_dir: Path) -> dict[int, dict]:
     return iterations
 
 
-def assert_same_weights(checkpoint: Path, reference: Path) -> None:
+def differing_tensors(checkpoint: Path, reference: Path) -> list[str]:
+    """The keys whose tensors differ between two checkpoints of the same model."""
     # mmpvt's loader reads with weights_only=True: the checkpoints stay loadable that way.
     state = load_checkpoint_file(checkpoint)['state_dict']
     expected = load_checkpoint_file(reference)['state_dict']
     assert state.keys() == expected.keys()
-    different = [key for key in state if not torch.equal(state[key], expected[key])]
+    return [key for key in state if not torch.equal(state[key], expected[key])]
+
+
+def assert_same_weights(checkpoint: Path, reference: Path) -> None:
+    different = differing_tensors(checkpoint, reference)
     assert not different, f'{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}'
 
 
+# tools/train.py as it would run if it did not add IterationSeedHook: the negative control.
+WITHOUT_THE_HOOK = ('import runpy, sys\n'
+                    'from mmpvt import apis\n'
+                    'apis.add_resume_hooks = lambda cfg: None\n'
+                    'sys.argv = sys.argv[1:]\n'
+                    "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
 def train(config: Path, processes: int, work_dir: Path, options: list, cwd: Path,
-          resume: bool = False) -> subprocess.CompletedProcess:
-    """tools/train.py for one process, tools/dist_train.sh (torchrun, a fresh port) for more."""
+          resume: bool | Path = False, seed_hook: bool = True) -> subprocess.CompletedProcess:
+    """tools/train.py for one process, tools/dist_train.sh (torchrun, a fresh port) for more.
+
+    ``resume``: True continues from the work dir's last checkpoint, a path from that file.
+    ``seed_hook=False`` (one process): train.py without the IterationSeedHook it adds.
+    """
     if processes == 1:
         launcher, env = [TOOLS / 'train.py', config], None
+        if not seed_hook:
+            launcher = ['-c', WITHOUT_THE_HOOK, *launcher]
     else:
+        assert seed_hook, 'the hook is removed from single-process runs only'
         launcher, env = [TOOLS / 'dist_train.sh', config, processes], {'PORT': str(free_port())}
-    resume_args = ['--resume'] if resume else []
+    resume_args = ['--resume'] if resume is True else ['--resume', resume] if resume else []
     return run([*launcher, '--work-dir', work_dir, *resume_args, '--cfg-options', *options], cwd, env)
 
 
@@ -102,6 +124,8 @@ def test_resumed_run_equals_the_uninterrupted_run(processes, workspace):
     assert f'Iter(train) [{KILLED_AT}/{MAX_ITERS}]' in killed.stdout + killed.stderr
     assert (work_dir / f'iter_{KILLED_AT}.pth').is_file()
     assert not (work_dir / f'iter_{MAX_ITERS}.pth').exists()
+    # Kept for the negative control below: the resumed run deletes it (max_keep_ckpts=1).
+    killed_checkpoint = shutil.copy(work_dir / f'iter_{KILLED_AT}.pth', workspace / f'killed_{processes}.pth')
 
     resumed = train(workspace / 'crashing.py', processes, work_dir, options, workspace, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -116,6 +140,21 @@ def test_resumed_run_equals_the_uninterrupted_run(processes, workspace):
     for iteration in range(1, MAX_ITERS + 1):
         assert logged[iteration] == expected[iteration], f'iteration {iteration}'
     assert_same_weights(work_dir / f'iter_{MAX_ITERS}.pth', full_dir / f'iter_{MAX_ITERS}.pth')
+
+    if processes == 1:
+        # Negative control: the same resumed run, from the same checkpoint, without the hook
+        # draws other stochastic-depth masks; its losses and weights leave the uninterrupted run's.
+        unseeded_dir = workspace / 'resumed_without_the_hook'
+        unseeded = train(CONFIG, 1, unseeded_dir, options, workspace,
+                         resume=Path(killed_checkpoint), seed_hook=False)
+        assert unseeded.returncode == 0, unseeded.stderr[-3000:]
+        assert 'IterationSeedHook' in (work_dir / 'crashing.py').read_text()
+        assert 'IterationSeedHook' not in (unseeded_dir / CONFIG.name).read_text()
+        unseeded_logged = logged_iterations(unseeded_dir)
+        assert sorted(unseeded_logged) == list(range(KILLED_AT + 1, MAX_ITERS + 1))
+        for iteration in unseeded_logged:
+            assert unseeded_logged[iteration]['loss'] != expected[iteration]['loss'], f'iteration {iteration}'
+        assert differing_tensors(unseeded_dir / f'iter_{MAX_ITERS}.pth', full_dir / f'iter_{MAX_ITERS}.pth')
 
 
 # -- the hook on its own ----------------------------------------------------------------------------

@@ -225,20 +225,6 @@ def test_amp_is_refused_where_it_cannot_run(monkeypatch):
 
 # -- analysis tools -------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_get_flops_counts_the_parameters_of_the_built_model(workspace):
-    from mmpvt.apis.analysis import build_model
-    out = run([TOOLS / 'analysis' / 'get_flops.py', CONFIGS['retinanet'], '--shape', 128, 128], cwd=workspace)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = {line.split('|')[1].strip(): [c.strip() for c in line.split('|')[2:-1]]
-            for line in out.stdout.splitlines() if line.startswith(('| model', '| backbone'))}
-    model = build_model(load_config(CONFIGS['retinanet']))
-    assert int(rows['model'][3]) == sum(p.numel() for p in model.parameters())
-    assert int(rows['backbone'][3]) == sum(p.numel() for p in model.backbone.parameters())
-    assert 0 < float(rows['backbone'][1]) < float(rows['model'][1])
-    assert rows['backbone'][0] == 'PVTv2' and rows['model'][0] == 'RetinaNet'
-
-
-@pytest.mark.slow
 def test_benchmark_reports_speed(retinanet_run, workspace):
     out = run([TOOLS / 'analysis' / 'benchmark.py', CONFIGS['retinanet'], retinanet_run / 'iter_2.pth',
                '--shape', 128, 128, '--iters', 2, '--warmup', 1], cwd=workspace)

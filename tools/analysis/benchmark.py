@@ -6,7 +6,8 @@
 Each timed iteration runs ``model.test_step`` on a batch of random H x W images: data
 preprocessing, the network and post-processing (box decoding and NMS, or resizing the
 segmentation to the input size). Without a checkpoint the weights are random, which
-changes only how many boxes reach NMS.
+changes only how many boxes reach NMS. A checkpoint with a tensor of another shape is
+refused; one that lacks some of the model's tensors is timed, with a warning naming them.
 """
 import argparse
 import statistics
@@ -16,7 +17,7 @@ import time
 import torch
 from mmengine.config import DictAction
 
-from mmpvt.apis import LaunchError, load_config
+from mmpvt.apis import LaunchError, load_config, quiet_third_party_warnings
 from mmpvt.apis.analysis import build_model, default_shape, dummy_batch
 
 
@@ -39,7 +40,7 @@ def main() -> None:
         raise LaunchError('--iters and --batch-size must be >= 1 and --warmup >= 0')
     cfg = load_config(args.config, args.cfg_options)
     height, width = args.shape or default_shape(cfg)
-    model = build_model(cfg, args.checkpoint, args.device)
+    model = build_model(cfg, args.checkpoint, args.device, missing_keys='warn')
     batch = dummy_batch(cfg, height, width, args.batch_size)
     sync = torch.cuda.synchronize if args.device.startswith('cuda') else (lambda: None)
     times = []
@@ -60,6 +61,7 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+    quiet_third_party_warnings()  # before anything reads a config
     try:
         main()
     except LaunchError as exc:

@@ -4,8 +4,9 @@
 
 FLOPs are multiply-adds of one forward pass on one image of H x W (fvcore's convention,
 as in the PVT papers' tables), through the network up to the heads' raw outputs: box
-decoding and NMS are not counted. The default shape is the config's test size (1333 x 800
-for COCO configs, the crop for ADE20K ones).
+decoding and NMS are not counted. mmpvt's fused depthwise-conv + GELU kernel counts as the
+convolution it replaces, so the numbers do not depend on whether it was built. The default
+shape is the config's test size (1333 x 800 for COCO configs, the crop for ADE20K ones).
 """
 import argparse
 import sys
@@ -14,7 +15,7 @@ import torch
 from mmengine.config import DictAction
 from torch import nn
 
-from mmpvt.apis import LaunchError, load_config
+from mmpvt.apis import LaunchError, load_config, quiet_third_party_warnings
 from mmpvt.apis.analysis import build_model, count_flops, count_parameters, default_shape, dummy_batch
 
 
@@ -55,10 +56,10 @@ def main() -> None:
                          count_parameters(module), skipped))
     shape = 'x'.join(str(s) for s in inputs.shape[1:])
     print(f'input: 1x{shape} (padded from {height}x{width})')
-    print('| part | type | GFLOPs | params (M) | params |')
-    print('|---|---|---|---|---|')
+    print('| part | type | GFLOPs | FLOPs | params (M) | params |')
+    print('|---|---|---|---|---|---|')
     for name, kind, flops, params, _ in rows:
-        print(f'| {name} | {kind} | {flops / 1e9:.2f} | {params / 1e6:.2f} | {params} |')
+        print(f'| {name} | {kind} | {flops / 1e9:.2f} | {flops} | {params / 1e6:.2f} | {params} |')
     skipped = sorted(rows[0][4].items())
     if skipped:
         print('not counted (no multiply-adds by fvcore\'s convention, or no counter): '
@@ -66,6 +67,7 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+    quiet_third_party_warnings()  # before anything reads a config
     try:
         main()
     except LaunchError as exc:

@@ -5,7 +5,8 @@
 
 Detectors: a box per prediction above the score threshold, labelled with class and score
 (and the mask, tinted, for instance segmentation). Segmentors: the predicted classes tinted
-over the image. Colours are the dataset's palette.
+over the image. Colours are the dataset's palette. The checkpoint must hold every tensor
+of the config's model, each in the model's shape: otherwise the error names the keys.
 """
 import argparse
 import sys
@@ -17,7 +18,7 @@ import torch
 from mmengine.config import DictAction
 from mmengine.dataset import pseudo_collate
 
-from mmpvt.apis import LaunchError, load_config
+from mmpvt.apis import LaunchError, load_config, quiet_third_party_warnings
 from mmpvt.apis.analysis import build_model
 
 
@@ -98,6 +99,7 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+    quiet_third_party_warnings()  # before anything reads a config
     try:
         main()
     except LaunchError as exc:

@@ -77,8 +77,6 @@ typedef struct {
         }                                                                                       \
     } while (0)
 
-/* One copy of the row kernels per instruction set, picked once at run time by CPU features
- * (not by CPU model, which is what GCC's target_clones("arch=...") tests). */
 /* The maps' element types: float32, and bfloat16 (autocast) as its upper 16 bits. */
 INLINE float bf16_load(uint16_t b) {
     const uint32_t u = (uint32_t)b << 16;
@@ -94,8 +92,9 @@ INLINE uint16_t bf16_store(float f) { /* round to nearest even, as torch does; N
     return f != f ? (uint16_t)0x7FC0 : rounded;
 }
 
-/* One copy of the row kernels per instruction set and dtype, the instruction set picked once
- * at run time by CPU features (not by CPU model, which GCC's target_clones("arch=...") tests). */
+/* One copy of the row kernels per instruction set and dtype, the instruction set picked at
+ * run time by CPU features (not by CPU model, which GCC's target_clones("arch=...") tests),
+ * or forced by MMPVT_DWCONV_GELU_ISA / mmpvt_dwconv_gelu_select to test every copy. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
@@ -139,27 +138,83 @@ static struct {
         kernels.name = #isa;                                              \
     } while (0)
 
-static void pick_kernels(void) {
-    if (kernels.name != NULL) return;
+/* The instruction sets, best first, by the names MMPVT_DWCONV_GELU_ISA and
+ * mmpvt_dwconv_gelu_select take. */
+static const char *const kIsaNames[] = {"avx512", "avx2", "base"};
+enum { kNumIsas = 3, kBaseIsa = 2 };
+
+/* Whether this build has copy k of the kernels and this CPU can run it. */
+static int isa_runs_here(int k) {
 #ifdef HAVE_X86_VARIANTS
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq")) {
+    if (k == 0)
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq");
+    if (k == 1) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+    return k == kBaseIsa;
+}
+
+static void use_isa(int k) {
+#ifdef HAVE_X86_VARIANTS
+    if (k == 0) {
         USE(avx512);
         return;
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    if (k == 1) {
         USE(avx2);
         return;
     }
 #endif
+    (void)k;
     USE(base);
 }
 
-/* Which copy of the kernels this CPU runs: "avx512", "avx2" or "base". */
+static int isa_index(const char *name) {
+    for (int k = 0; k < kNumIsas; ++k)
+        if (strcmp(name, kIsaNames[k]) == 0) return k;
+    return -1;
+}
+
+/* 1 when this CPU (and build) can run the kernels of instruction set `name`, 0 when it
+ * cannot, -1 when `name` is none of "avx512", "avx2", "base". */
+int mmpvt_dwconv_gelu_supports(const char *name) {
+    const int k = isa_index(name);
+    return k < 0 ? -1 : isa_runs_here(k);
+}
+
+/* Selects the copy of the kernels later calls run. `name` is "avx512", "avx2" or "base";
+ * NULL or "auto" is the default: the set named by the environment variable
+ * MMPVT_DWCONV_GELU_ISA when it is set and not empty, else the best this CPU runs.
+ * Returns 0; -1 for an unknown name, -2 for a set this CPU or build cannot run (the
+ * selection is then left as it was). */
+int mmpvt_dwconv_gelu_select(const char *name) {
+    if (name == NULL || strcmp(name, "auto") == 0) {
+        const char *env = getenv("MMPVT_DWCONV_GELU_ISA");
+        name = env != NULL && env[0] != '\0' ? env : "auto";
+    }
+    int k = 0;
+    if (strcmp(name, "auto") == 0) {
+        while (!isa_runs_here(k)) ++k; /* ends at base, which always runs */
+    } else {
+        k = isa_index(name);
+        if (k < 0) return -1;
+        if (!isa_runs_here(k)) return -2;
+    }
+    use_isa(k);
+    return 0;
+}
+
+/* Makes the default selection on first use. Returns 0, or the failed selection's status
+ * (MMPVT_DWCONV_GELU_ISA names an unknown set or one this CPU cannot run). */
+static int pick_kernels(void) {
+    return kernels.name != NULL ? 0 : mmpvt_dwconv_gelu_select(NULL);
+}
+
+/* Which copy of the kernels runs: "avx512", "avx2" or "base"; NULL when the default
+ * selection failed (see pick_kernels). */
 const char *mmpvt_dwconv_gelu_isa(void) {
-    pick_kernels();
-    return kernels.name;
+    return pick_kernels() == 0 ? kernels.name : NULL;
 }
 
 /* Fills cv and its (17, C) buffer: 16 border cases of the constant term, then zeros. The
@@ -192,12 +247,13 @@ static const int64_t kElemSize[2] = {4, 2};
 
 /* a = GELU(dwconv3x3(h + b1) + bc) for the B maps (H, W, C), into out (B, H, W, C), on
  * `threads` threads. Maps h and out are float32 (dtype 0) or bfloat16 (dtype 1); w, b1 and
- * bc are float32. Returns 0, -1 when out of memory, -2 for an unknown dtype. */
+ * bc are float32. Returns 0, -1 when out of memory, -2 for an unknown dtype, -3 when
+ * MMPVT_DWCONV_GELU_ISA asks for kernels this CPU cannot run (see pick_kernels). */
 int mmpvt_dwconv_gelu_forward(const void *h, const float *b1, const float *w, const float *bc,
                               void *out, int64_t B, int64_t H, int64_t W, int64_t C,
                               int64_t dtype, int64_t threads) {
     if (dtype != 0 && dtype != 1) return -2;
-    pick_kernels();
+    if (pick_kernels() != 0) return -3;
     const int64_t es = kElemSize[dtype];
     const fwd_row_fn fwd_row = kernels.fwd_row[dtype];
     Conv cv;
@@ -219,13 +275,14 @@ int mmpvt_dwconv_gelu_forward(const void *h, const float *b1, const float *w, co
 /* Gradients of the forward above given g = dL/da: grad_h (B, H, W, C), of the maps' dtype
  * as h and g, and, summed over all pixels in float32, grad_w (9, C), grad_bc (C) and
  * grad_b1 (C). `partials` holds 11 * C floats per thread (at least `threads` of them) for
- * the per-thread sums. Returns 0, -1 when out of memory, -2 for an unknown dtype. */
+ * the per-thread sums. Returns 0, -1 when out of memory, -2 for an unknown dtype, -3 as
+ * for the forward. */
 int mmpvt_dwconv_gelu_backward(const void *h, const void *g, const float *b1, const float *w,
                                const float *bc, void *grad_h, float *grad_w, float *grad_bc,
                                float *grad_b1, float *partials, int64_t B, int64_t H, int64_t W,
                                int64_t C, int64_t dtype, int64_t threads) {
     if (dtype != 0 && dtype != 1) return -2;
-    pick_kernels();
+    if (pick_kernels() != 0) return -3;
     const int64_t es = kElemSize[dtype];
     const grad_y_row_fn grad_y_row = kernels.grad_y_row[dtype];
     const bwd_row_fn bwd_row = kernels.bwd_row[dtype];
