@@ -38,6 +38,9 @@ PYEOF
 
 # run_torchrun NUM_PROCS SCRIPT ARGS...: NUM_PROCS processes per node of tools/SCRIPT with
 # --launcher pytorch; several nodes through NNODES, NODE_RANK, MASTER_ADDR and PORT.
+# mmpvt.apis.dist_launch runs SCRIPT's checks once (SCRIPT --check-only) before torchrun's
+# agent starts the workers, keeps the other ranks' output under the work dir and reports a
+# failed worker in one line.
 run_torchrun() {
   local nprocs=$1 script=$2
   shift 2
@@ -46,19 +49,20 @@ run_torchrun() {
   MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
   PORT=${PORT:-29500}
   if [ "$NODE_RANK" = 0 ]; then require_free_port "$PORT"; fi
-  # `python -m torch.distributed.run` is torchrun, run by the interpreter that has mmpvt.
-  exec "$PYTHON" -m torch.distributed.run \
-    --nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR" \
-    --nproc_per_node="$nprocs" --master_port="$PORT" \
-    "$ROOT/tools/$script" "$@" --launcher pytorch
+  exec "$PYTHON" -m mmpvt.apis.dist_launch \
+    --nnodes="$NNODES" --node-rank="$NODE_RANK" --master-addr="$MASTER_ADDR" \
+    --nproc="$nprocs" --port="$PORT" \
+    "$ROOT/tools/$script" "$@"
 }
 
 # run_srun PARTITION JOB_NAME SCRIPT ARGS...: one task per GPU of tools/SCRIPT on Slurm, with
-# --launcher slurm. GPUS (8), GPUS_PER_NODE (min(GPUS, 8)), CPUS_PER_TASK (5) and SRUN_ARGS
+# --launcher slurm, after SCRIPT's checks (--check-only) passed on this machine. GPUS (8), GPUS_PER_NODE (min(GPUS, 8)), CPUS_PER_TASK (5) and SRUN_ARGS
 # (extra srun options, e.g. "--time=2-00:00:00") come from the environment.
 run_srun() {
   local partition=$1 job_name=$2 script=$3
   shift 3
+  # The checks once, here, rather than in every task: one error, and no job queued for it.
+  "$PYTHON" "$ROOT/tools/$script" "$@" --check-only >/dev/null || exit 1
   GPUS=${GPUS:-8}
   GPUS_PER_NODE=${GPUS_PER_NODE:-$((GPUS < 8 ? GPUS : 8))}
   CPUS_PER_TASK=${CPUS_PER_TASK:-5}

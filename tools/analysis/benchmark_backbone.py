@@ -36,6 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from mmpvt.apis.quiet import quiet_third_party_warnings
 from mmpvt.models.pvt import PVT_ARCHS, PVTV2_ARCHS
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -348,4 +349,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
+    quiet_third_party_warnings()  # --detector reads mmdet's config
     main()

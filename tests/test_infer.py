@@ -1,0 +1,239 @@
+"""tools/infer.py: a trained detector and segmentor on a folder of images, and the bad inputs.
+
+The models are the demo configs trained for two iterations on a tiny synthetic set (they
+predict nothing sensible, which does not matter here): the drawings must decode at each
+image's own size and predictions.json must hold one well-formed record per image.
+"""
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from mmpvt.apis import LaunchError, load_config
+from mmpvt.apis.analysis import build_model
+from mmpvt.apis.inference import (
+    ImagePredictor,
+    detection_record,
+    find_images,
+    output_names,
+    segmentation_record,
+)
+from mmpvt.checkpoint import CheckpointError
+from mmpvt.datasets.synthetic import generate
+
+from tooling import DEMO_CONFIGS, TOOLS
+from tooling import run_tool as run
+
+CLASSES = ['circle', 'rectangle', 'triangle']
+# Two iterations of two images, no validation, a checkpoint at the end.
+TINY_RUN = ['train_cfg.max_iters=2', 'train_cfg.val_interval=100', 'default_hooks.checkpoint.interval=2',
+            'train_dataloader.batch_size=2']
+# An untrained detector scores everything under its default 0.05: keep every box it finds.
+KEEP_ALL = ['--score-thr', '0', '--cfg-options', 'model.test_cfg.score_thr=0.0']
+
+
+@pytest.fixture(scope='module')
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp('infer')
+    generate(root / 'data' / 'synthetic', num_train=4, num_val=2, seed=0, size=128)
+    return root
+
+
+def train(kind: str, workspace: Path) -> Path:
+    work_dir = workspace / f'work_{kind}'
+    out = run([TOOLS / 'train.py', DEMO_CONFIGS[kind], '--work-dir', work_dir, '--cfg-options', *TINY_RUN],
+              cwd=workspace)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return work_dir / 'iter_2.pth'
+
+
+@pytest.fixture(scope='module')
+def detector(workspace) -> Path:
+    return train('retinanet', workspace)
+
+
+@pytest.fixture(scope='module')
+def segmentor(workspace) -> Path:
+    return train('fpn', workspace)
+
+
+def image_folder(images: list[Path], folder: Path) -> dict[str, tuple[int, int]]:
+    """The images, plus one resized to 160x96 as a PNG; returns each file's (height, width)."""
+    folder.mkdir()
+    sizes = {}
+    for image in images:
+        (folder / image.name).write_bytes(image.read_bytes())
+        sizes[image.name] = (128, 128)
+    wide = cv2.resize(cv2.imread(str(images[0])), (160, 96))
+    cv2.imwrite(str(folder / 'wide.png'), wide)
+    sizes['wide.png'] = (96, 160)
+    return sizes
+
+
+def check_drawings(out_dir: Path, summary: dict, folder: Path, sizes: dict) -> None:
+    """One record per image, in order; each drawing decodes at its image's size and is a drawing."""
+    assert [Path(r['image']).name for r in summary['images']] == sorted(sizes)
+    for record in summary['images']:
+        name = Path(record['image']).name
+        assert (record['height'], record['width']) == sizes[name]
+        assert record['drawing'] == Path(name).with_suffix('.png').name
+        drawing = cv2.imread(str(out_dir / record['drawing']))
+        assert drawing is not None and drawing.shape == (*sizes[name], 3)
+        assert not np.array_equal(drawing, cv2.imread(str(folder / name)))  # something was drawn
+
+
+@pytest.mark.slow
+def test_detector_on_a_folder(detector, workspace):
+    folder = workspace / 'det_images'
+    sizes = image_folder(sorted((workspace / 'data/synthetic/coco/val2017').glob('*.jpg')), folder)
+    out_dir = workspace / 'det_out'
+    out = run([TOOLS / 'infer.py', folder, DEMO_CONFIGS['retinanet'], detector, '--out-dir', out_dir,
+               '--batch-size', 2, *KEEP_ALL], cwd=workspace)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f'{len(sizes)}/{len(sizes)}' in out.stderr  # the progress bar reached the end
+    summary = json.loads((out_dir / 'predictions.json').read_text())
+    assert summary['task'] == 'detection' and summary['classes'] == CLASSES and summary['score_thr'] == 0
+    check_drawings(out_dir, summary, folder, sizes)
+    for record in summary['images']:
+        instances = record['instances']
+        assert instances, 'a threshold of 0 keeps every box the model returns'
+        scores = [inst['score'] for inst in instances]
+        assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+        for inst in instances:
+            assert inst['class_name'] == CLASSES[inst['label']]
+            x1, y1, x2, y2 = inst['bbox']
+            assert 0 <= x1 <= x2 <= record['width'] + 0.5 and 0 <= y1 <= y2 <= record['height'] + 0.5
+
+
+@pytest.mark.slow
+def test_segmentor_on_a_glob(segmentor, workspace):
+    folder = workspace / 'seg_images'
+    sizes = image_folder(sorted((workspace / 'data/synthetic/ade/ADEChallengeData2016/images/validation')
+                                .glob('*.jpg')), folder)
+    out_dir = workspace / 'seg_out'
+    out = run([TOOLS / 'infer.py', f'{folder}/*', DEMO_CONFIGS['fpn'], segmentor, '--out-dir', out_dir,
+               '--batch-size', 2], cwd=workspace)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((out_dir / 'predictions.json').read_text())
+    assert summary['task'] == 'segmentation' and summary['classes'] == CLASSES
+    check_drawings(out_dir, summary, folder, sizes)
+    for record in summary['images']:
+        classes = record['classes']
+        assert sum(c['pixels'] for c in classes) == record['height'] * record['width']
+        assert abs(sum(c['fraction'] for c in classes) - 1) < 1e-3
+        assert all(c['class_name'] == CLASSES[c['label']] for c in classes)
+
+
+@pytest.mark.slow
+def test_a_damaged_image_is_named(detector, workspace, tmp_path):
+    good = next((workspace / 'data/synthetic/coco/val2017').glob('*.jpg'))
+    (tmp_path / 'a.jpg').write_bytes(good.read_bytes())
+    (tmp_path / 'b.jpg').write_bytes(good.read_bytes()[:2000])  # a JPEG header, then nothing
+    out = run([TOOLS / 'infer.py', tmp_path, DEMO_CONFIGS['retinanet'], detector, '--out-dir',
+               tmp_path / 'out'], cwd=workspace)
+    assert out.returncode == 1 and 'Traceback' not in out.stderr
+    damaged = tmp_path / 'b.jpg'
+    assert f'\nerror: cannot read image {damaged}: not an image file, or a damaged one' in out.stderr
+
+
+# -- bad input, before any model runs -------------------------------------------------------------
+def test_inputs_without_images_are_refused(tmp_path):
+    (tmp_path / 'notes.txt').write_text('no image')
+    with pytest.raises(LaunchError, match=rf'no images found in {tmp_path}/ \(looked for files ending in'):
+        find_images(tmp_path)
+    with pytest.raises(LaunchError, match=r'no images match .*\*\.png'):
+        find_images(f'{tmp_path}/*.png')
+    with pytest.raises(LaunchError, match=r'input not found: .*nope\.jpg \(expected an image, a folder'):
+        find_images(tmp_path / 'nope.jpg')
+
+
+def test_images_and_their_output_names(tmp_path):
+    for name in ('b.jpg', 'a.jpg', 'a.png', 'sub/c.JPG', 'notes.txt'):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b'')
+    images, root = find_images(tmp_path)
+    assert [p.name for p in images] == ['a.jpg', 'a.png', 'b.jpg'] and root == tmp_path  # not subfolders
+    assert output_names(images, root) == ['a_jpg.png', 'a_png.png', 'b.png']
+    images, root = find_images(f'{tmp_path}/**/*')
+    assert output_names(images, root) == ['a_jpg.png', 'a_png.png', 'b.png', 'sub/c.png']
+    assert find_images(tmp_path / 'notes.txt') == ([tmp_path / 'notes.txt'], tmp_path)  # named: taken
+
+
+@pytest.mark.slow
+def test_cli_names_a_file_that_is_not_an_image(tmp_path):
+    (tmp_path / 'x.jpg').write_bytes(b'not a jpeg' * 20)
+    out = run([TOOLS / 'infer.py', tmp_path, DEMO_CONFIGS['retinanet'], tmp_path / 'x.jpg'], cwd=tmp_path)
+    assert out.returncode == 1 and 'Traceback' not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == f'error: cannot read image {tmp_path / "x.jpg"}: not an image file'
+
+
+def test_records_keep_what_is_drawn():
+    masks = [{'size': [8, 8], 'counts': c} for c in 'abc']
+    pred = dict(labels=[2, 0, 1], scores=[0.2, 0.9, 0.5],
+                bboxes=[[0, 0, 1, 1], [1, 2, 3, 4.567], [5, 5, 6, 6]], masks=masks)
+    record = detection_record(pred, CLASSES, score_thr=0.3)
+    assert record == {'instances': [
+        dict(label=0, class_name='circle', score=0.9, bbox=[1.0, 2.0, 3.0, 4.57], mask=masks[1]),
+        dict(label=1, class_name='rectangle', score=0.5, bbox=[5.0, 5.0, 6.0, 6.0], mask=masks[2])]}
+    seg = np.array([[0, 0, 2], [2, 2, 2]])
+    assert segmentation_record(seg, CLASSES) == {'classes': [
+        dict(label=2, class_name='triangle', pixels=4, fraction=0.6667),
+        dict(label=0, class_name='circle', pixels=2, fraction=0.3333)]}
+
+
+# -- checkpoints that must not load ---------------------------------------------------------------
+@pytest.fixture(scope='module')
+def untrained_checkpoint(tmp_path_factory) -> Path:
+    """The demo RetinaNet's freshly built weights, saved as mmengine saves a checkpoint."""
+    path = tmp_path_factory.mktemp('ckpt') / 'retinanet.pth'
+    model = build_model(load_config(DEMO_CONFIGS['retinanet']))
+    torch.save({'state_dict': model.state_dict(), 'meta': {'dataset_meta': {'classes': CLASSES}}}, path)
+    return path
+
+
+def test_checkpoint_of_another_head_is_refused_naming_key_and_shapes(untrained_checkpoint):
+    cfg = load_config(DEMO_CONFIGS['retinanet'], {'model.bbox_head.num_classes': 5})
+    with pytest.raises(LaunchError) as info:
+        ImagePredictor(cfg, untrained_checkpoint)
+    assert (f'{untrained_checkpoint} does not fit the RetinaNet of this config: bbox_head.retina_cls.weight '
+            'has shape (27, 256, 3, 3) in the checkpoint and (45, 256, 3, 3) in the model') in str(info.value)
+
+
+def test_checkpoint_lacking_tensors_is_refused(untrained_checkpoint, tmp_path):
+    checkpoint = torch.load(untrained_checkpoint, weights_only=True)
+    state = checkpoint['state_dict']
+    checkpoint['state_dict'] = {k: v for k, v in state.items() if not k.startswith('neck.')}
+    torch.save(checkpoint, tmp_path / 'no_neck.pth')
+    with pytest.raises(LaunchError, match=r'no_neck\.pth lacks \d+ of the \d+ tensors .*neck\.'):
+        ImagePredictor(load_config(DEMO_CONFIGS['retinanet']), tmp_path / 'no_neck.pth')
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    """The inferencer reads the file through mmengine's loader, which mmpvt makes weights-only."""
+    import os
+    marker = tmp_path / 'ran'
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f'touch {marker}',)
+
+    torch.save({'state_dict': {}, 'meta': Payload()}, tmp_path / 'evil.pth')
+    with pytest.raises(CheckpointError, match=r'evil\.pth holds objects that are not plain weights'):
+        ImagePredictor(load_config(DEMO_CONFIGS['retinanet']), tmp_path / 'evil.pth')
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_cli_mismatch_is_one_error_line(untrained_checkpoint, tmp_path):
+    cv2.imwrite(str(tmp_path / 'one.jpg'), np.full((64, 64, 3), 100, np.uint8))
+    out = run([TOOLS / 'infer.py', tmp_path / 'one.jpg', DEMO_CONFIGS['fpn'], untrained_checkpoint,
+               '--out-dir', tmp_path / 'out'], cwd=tmp_path)
+    assert out.returncode == 1 and 'Traceback' not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f'error: {untrained_checkpoint} does not fit the EncoderDecoder of this config: ')
+    assert ' has shape (' in last and ' in the checkpoint and (' in last
+    assert not (tmp_path / 'out').exists()
