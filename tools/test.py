@@ -5,7 +5,8 @@
 
 The evaluator of the config prints its own summary (COCO's AP table for mmdet, mmseg's
 per-class IoU table); the last lines are a markdown table ``| metric | value |`` of all
-returned metrics, which scripts parse.
+returned metrics, which scripts parse. An evaluator that returns no metrics (an mmdet COCO
+metric when the model predicted no box) ends the run with an error naming it, exit status 1.
 """
 import argparse
 import sys
@@ -34,14 +35,19 @@ def main() -> None:
     if args.show_dir:
         apis.enable_show_dir(cfg, args.show_dir)
     apis.check_data(cfg, ('test',))
+    if args.check_only:  # what dist_*.sh runs once, before starting the workers
+        apis.report_checks_passed(cfg)
+        return
     apis.setup_distributed(cfg, args.launcher)
     with apis.explain_data_errors(cfg, ('test',)):
-        metrics = Runner.from_cfg(cfg).test()
-    if apis.is_main_process():
-        print(apis.format_metrics(metrics), flush=True)
+        runner = Runner.from_cfg(cfg)
+        metrics = runner.test()
+    if apis.is_main_process():  # no metrics at all is an error, naming the evaluator
+        print(apis.format_metrics(metrics, evaluator=runner.test_loop.evaluator), flush=True)
 
 
 if __name__ == '__main__':
+    apis.quiet_third_party_warnings()  # before anything reads a config
     try:
         main()
     except apis.LaunchError as exc:

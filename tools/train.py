@@ -1,6 +1,7 @@
 """Train a detector or segmentor from an mmdet or mmseg config (its default_scope decides).
 
     python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp] [--auto-scale-lr]
+                          [--allow-invalid-loss]
                           [--cfg-options KEY=VALUE ...] [--launcher none|pytorch|slurm]
 
 One process on the CPU or a GPU; several through tools/dist_train.sh (torchrun) or
@@ -12,6 +13,7 @@ import sys
 from mmengine.runner import Runner
 
 from mmpvt import apis
+from mmpvt.engine import InvalidLossError
 
 
 def parse_args() -> argparse.Namespace:
@@ -22,6 +24,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--amp', action='store_true', help='mixed precision training (GPU)')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the lr by the total batch size over auto_scale_lr.base_batch_size')
+    parser.add_argument('--allow-invalid-loss', action='store_true',
+                        help='keep training when the loss becomes NaN or inf (by default the run stops at '
+                             'that iteration with an error line, keeping the last good checkpoint)')
     apis.add_run_arguments(parser, 'where logs and checkpoints go', 'train_cfg.max_iters=100')
     return parser.parse_args()
 
@@ -35,14 +40,20 @@ def main() -> None:
         apis.enable_auto_scale_lr(cfg)
     apis.apply_resume(cfg, args.resume)
     apis.add_resume_hooks(cfg)
+    if not args.allow_invalid_loss:
+        apis.add_loss_check(cfg)
     apis.check_data(cfg, ('train', 'val'))
+    if args.check_only:  # what dist_*.sh runs once, before starting the workers
+        apis.report_checks_passed(cfg)
+        return
     apis.setup_distributed(cfg, args.launcher)
     with apis.explain_data_errors(cfg, ('train', 'val')):
         Runner.from_cfg(cfg).train()
 
 
 if __name__ == '__main__':
+    apis.quiet_third_party_warnings()  # before anything reads a config
     try:
         main()
-    except apis.LaunchError as exc:
+    except (apis.LaunchError, InvalidLossError) as exc:
         sys.exit(f'error: {exc}')

@@ -2,8 +2,8 @@
 
 Before a run, :func:`check_data` lists what the config expects to read and marks what is
 missing. During a run, :func:`explain_data_errors` turns the exception a dataset class or
-the data pipeline raises on a malformed annotation file, a missing image or an invalid
-label map into one message that names the file.
+the data pipeline raises on a malformed annotation file, a missing or undecodable image or an
+invalid label map into one message that names the file.
 """
 from __future__ import annotations
 
@@ -174,14 +174,48 @@ def _explain_missing_file(cfg: Config, missing: str, stages: tuple[str, ...]) ->
     return None
 
 
+# mmcv's LoadImageFromFile asserts this when the image decoder returns nothing (a truncated
+# or corrupt file, or one that is no image); a DataLoader worker passes on only the text.
+_UNDECODABLE = re.compile(r'failed to load image: (.+?)\s*$', re.MULTILINE)
+
+
+def _where_image(cfg: Config, image: str, stages: tuple[str, ...]) -> str:
+    """The dataset config entry whose image directory holds ``image`` ('' if none does)."""
+    image_dir = Path(image).parent.resolve()
+    for stage in stages:
+        loader = cfg.get(f'{stage}_dataloader')
+        if not loader or (stage != 'train' and not cfg.get(f'{stage}_cfg')):
+            continue
+        for dataset in _leaf_datasets(loader['dataset']):
+            root = Path(dataset.get('data_root') or '')
+            prefixes = (dataset.get('data_prefix') or {}).values()
+            if any(prefix and (root / prefix).resolve() == image_dir for prefix in prefixes):
+                return f'{stage}_dataloader.dataset ({dataset.get("type", "dataset")})'
+    return ''
+
+
+def _explain_undecodable(cfg: Config, chain: list[BaseException],
+                         stages: tuple[str, ...]) -> LaunchError | None:
+    for error in chain:
+        match = _UNDECODABLE.search(str(error))
+        if match:
+            image = match.group(1)
+            where = _where_image(cfg, image, stages)
+            config = cfg.filename or 'CONFIG'
+            return LaunchError(f'image cannot be decoded: {image} (truncated, corrupt or not an image'
+                               f'{"; " + where if where else ""}). Find every such file before a run with '
+                               f'python tools/check_data.py {config}')
+    return None
+
+
 def explain_data_error(cfg: Config, exc: BaseException, stages: tuple[str, ...]) -> LaunchError | None:
     """A LaunchError naming the data file behind ``exc``, a failure of a run; None if it is not one.
 
     Recognised: an annotation file that is not valid JSON, an image or label map that a
-    dataset lists but that is missing, and a label map with values that are no class
-    (``CheckSegLabels``). The files are looked at only after a failure: parsing every
-    annotation file up front would read COCO's 450 MB of JSON on each start just to
-    repeat what the dataset does anyway a few seconds later. The failing file is found by
+    dataset lists but that is missing, an image that cannot be decoded, and a label map
+    with values that are no class (``CheckSegLabels``). The files are looked at only after a
+    failure: parsing every annotation file up front would read COCO's 450 MB of JSON on each
+    start just to repeat what the dataset does anyway a few seconds later. The failing file is found by
     parsing the config's annotation files in turn, the one with the length of the failed
     document first, so a valid file is parsed again only when several are candidates.
     """
@@ -196,6 +230,9 @@ def explain_data_error(cfg: Config, exc: BaseException, stages: tuple[str, ...])
             if problem:
                 return LaunchError(f'annotation file is not valid JSON: {path} ({problem}; {files[path]}). '
                                    'A truncated download or copy? Make or fetch the file again.')
+    undecodable = _explain_undecodable(cfg, chain, stages)
+    if undecodable:
+        return undecodable
     from mmpvt.datasets.transforms import SegLabelError
     for error in chain:
         if isinstance(error, SegLabelError):

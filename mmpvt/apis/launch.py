@@ -28,10 +28,11 @@ from .errors import LaunchError, check_file
 from .memory import keep_freed_memory
 
 __all__ = [
-    'LaunchError', 'add_dump', 'add_resume_hooks', 'add_run_arguments', 'apply_resume', 'check_cfg_options',
+    'LaunchError', 'add_dump', 'add_loss_check', 'add_resume_hooks', 'add_run_arguments', 'apply_resume',
+    'check_cfg_options',
     'check_data', 'check_file', 'default_work_dir', 'enable_amp', 'enable_auto_scale_lr', 'enable_show_dir',
     'explain_data_error', 'explain_data_errors', 'format_metrics', 'is_main_process', 'load_config',
-    'load_run_config', 'parse_metrics', 'setup_distributed',
+    'load_run_config', 'parse_metrics', 'report_checks_passed', 'resume_candidates', 'setup_distributed',
 ]
 
 
@@ -60,22 +61,41 @@ def default_work_dir(config: str | os.PathLike) -> str:
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, work_dir_help: str, options_example: str) -> None:
-    """The options tools/train.py and tools/test.py share: --work-dir, --cfg-options, --launcher."""
+    """The options tools/train.py and tools/test.py share: --work-dir, --cfg-options, --launcher,
+    --check-only."""
     parser.add_argument('--work-dir', help=f'{work_dir_help} (default: work_dirs/<config name>)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help=f'override config entries, e.g. {options_example}')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm'], default='none',
                         help='pytorch: under torchrun (dist_*.sh); slurm: under srun (slurm_*.sh)')
+    parser.add_argument('--check-only', action='store_true',
+                        help='check the config, the --cfg-options keys, the files and the dataset paths, '
+                             'print the work dir and exit (the launchers run this once before the workers)')
+
+
+# What --check-only prints before the work dir; mmpvt.apis.dist_launch reads the line back.
+CHECKED_WORK_DIR = 'checks passed; work dir: '
+
+
+def report_checks_passed(cfg: Config) -> None:
+    """``--check-only``'s output once every check passed: one line naming the run's work dir,
+    where the distributed launcher then keeps the workers' logs."""
+    print(f'{CHECKED_WORK_DIR}{cfg.work_dir}', flush=True)
 
 
 def load_run_config(args: argparse.Namespace) -> Config:
     """The config of a train or test run: file, overrides, launcher and work dir from ``args``.
 
     Without CUDA, the run's process also keeps freed memory for reuse (``keep_freed_memory``):
-    a CPU step's large tensors then reuse the previous step's memory.
+    a CPU step's large tensors then reuse the previous step's memory. Every checkpoint the
+    run saves is written atomically (``mmpvt.engine.install_atomic_checkpoints``): a kill
+    during a save never leaves a truncated file under a checkpoint's name.
     """
     import torch
 
+    from mmpvt.engine import install_atomic_checkpoints
+
+    install_atomic_checkpoints()
     if not torch.cuda.is_available():
         keep_freed_memory()
     cfg = load_config(args.config, args.cfg_options)
@@ -163,15 +183,90 @@ def enable_auto_scale_lr(cfg: Config) -> None:
     cfg.auto_scale_lr.enable = True
 
 
+def _readable_checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (mmpvt's loader's message), or None if it loads."""
+    from mmpvt.checkpoint import CheckpointError, load_checkpoint_file
+    try:
+        load_checkpoint_file(path, map_location='cpu')
+    except (CheckpointError, FileNotFoundError) as exc:
+        return str(exc).split('. ', 1)[0]  # without torch's paragraph of advice after the reason
+    return None
+
+
+def resume_candidates(work_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoints ``--resume`` may continue from, the one to try first first.
+
+    First the file named in ``last_checkpoint`` (what mmengine itself resumes from), then
+    every other ``*.pth`` in the work dir, newest first. Best checkpoints (``best_*``) are
+    left out: they hold no optimizer or scheduler state to continue from.
+    """
+    work_dir = Path(work_dir)
+    candidates: list[Path] = []
+    pointer = work_dir / 'last_checkpoint'
+    if pointer.is_file():
+        named = pointer.read_text().strip()
+        if named:
+            candidates.append(Path(named))
+    others = [p for p in work_dir.glob('*.pth') if p.is_file() and not p.name.startswith('best_')]
+    for path in sorted(others, key=lambda p: p.stat().st_mtime, reverse=True):
+        if not any(path.resolve() == c.resolve() for c in candidates if c.exists()):
+            candidates.append(path)
+    return candidates
+
+
 def apply_resume(cfg: Config, resume: str | None) -> None:
-    """``--resume``: 'auto' continues from the work dir's last checkpoint, a path from that file."""
+    """``--resume``: 'auto' continues from the work dir's newest readable checkpoint, a path from that file.
+
+    With 'auto', the checkpoints of :func:`resume_candidates` are read in turn: a newest
+    checkpoint that is truncated or corrupt (a kill or a full disk during its write) is
+    reported in one line and the next readable one is used. LaunchError when none is
+    readable (listing each file and why), or when the given path is missing or unreadable.
+    A work dir without checkpoints starts the run from scratch, as mmengine does.
+    """
     if resume is None:
         return
     cfg.resume = True
-    if resume == 'auto':
-        cfg.load_from = None
-    else:
-        cfg.load_from = str(check_file(resume, 'checkpoint to resume from'))
+    if resume != 'auto':
+        path = check_file(resume, 'checkpoint to resume from')
+        problem = _readable_checkpoint_problem(path)
+        if problem:
+            raise LaunchError(f'cannot resume from {path}: {problem}')
+        cfg.load_from = str(path)
+        return
+    cfg.load_from = None
+    tried = []
+    for path in resume_candidates(cfg.work_dir):
+        problem = _readable_checkpoint_problem(path)
+        if problem is None:
+            if tried:
+                print(f'mmpvt: {tried[0]}; resuming from the newest readable checkpoint, {path}', flush=True)
+            cfg.load_from = str(path)
+            return
+        tried.append(problem)
+    if tried:
+        raise LaunchError(f'--resume found no readable checkpoint in {cfg.work_dir}; tried: '
+                          + '; '.join(tried))
+
+
+def _add_custom_hook(cfg: Config, hook_class: type) -> None:
+    """Appends ``hook_class`` to ``custom_hooks`` unless there, and ``mmpvt.engine`` to ``custom_imports``.
+
+    The import makes the config saved in the work dir build the hook wherever it is loaded again.
+    """
+    def type_name(hook: Mapping[str, Any]) -> str:  # 'IterationSeedHook', 'mmpvt.X' or a class
+        kind = hook.get('type', '')
+        return kind.__name__ if isinstance(kind, type) else str(kind).split('.')[-1]
+
+    hooks = list(cfg.get('custom_hooks') or [])
+    if not any(type_name(hook) == hook_class.__name__ for hook in hooks):
+        hooks.append(dict(type=hook_class.__name__))
+    cfg.custom_hooks = hooks
+    imports = cfg.get('custom_imports') or ConfigDict(imports=[], allow_failed_imports=False)
+    modules = imports.get('imports') or []
+    modules = [modules] if isinstance(modules, str) else list(modules)  # mmengine takes either
+    if 'mmpvt.engine' not in modules:
+        imports['imports'] = [*modules, 'mmpvt.engine']
+    cfg.custom_imports = imports
 
 
 def add_resume_hooks(cfg: Config) -> None:
@@ -180,25 +275,20 @@ def add_resume_hooks(cfg: Config) -> None:
     The hook seeds each training iteration from the run's seed and the iteration number
     (mmpvt/engine/hooks.py explains why a generator state saved in the checkpoint would not
     do); without it a resumed run draws other stochastic-depth masks than the uninterrupted
-    run would have. ``mmpvt.engine`` joins ``custom_imports``, so that the config saved in
-    the work dir builds the hook wherever it is loaded again.
+    run would have.
     """
     from mmpvt.engine import IterationSeedHook  # registers the hook in this process
+    _add_custom_hook(cfg, IterationSeedHook)
 
-    def type_name(hook: Mapping[str, Any]) -> str:  # 'IterationSeedHook', 'mmpvt.X' or a class
-        kind = hook.get('type', '')
-        return kind.__name__ if isinstance(kind, type) else str(kind).split('.')[-1]
 
-    hooks = list(cfg.get('custom_hooks') or [])
-    if not any(type_name(hook) == IterationSeedHook.__name__ for hook in hooks):
-        hooks.append(dict(type=IterationSeedHook.__name__))
-    cfg.custom_hooks = hooks
-    imports = cfg.get('custom_imports') or ConfigDict(imports=[], allow_failed_imports=False)
-    modules = imports.get('imports') or []
-    modules = [modules] if isinstance(modules, str) else list(modules)  # mmengine takes either
-    if 'mmpvt.engine' not in modules:
-        imports['imports'] = [*modules, 'mmpvt.engine']
-    cfg.custom_imports = imports
+def add_loss_check(cfg: Config) -> None:
+    """Adds mmpvt's InvalidLossHook (once): a NaN or inf total loss stops training at that iteration.
+
+    The hook reads the losses mmengine has already copied to the CPU for logging, so it
+    costs no device synchronisation; tools/train.py adds it unless ``--allow-invalid-loss``.
+    """
+    from mmpvt.engine import InvalidLossHook  # registers the hook in this process
+    _add_custom_hook(cfg, InvalidLossHook)
 
 
 def add_dump(cfg: Config, out: str) -> None:
@@ -232,14 +322,36 @@ def enable_show_dir(cfg: Config, show_dir: str) -> None:
 
 
 # -- reporting -----------------------------------------------------------------------------------
-def format_metrics(metrics: Mapping[str, Any], title: str = 'test metrics') -> str:
+def _writes_files_only(metric: Any) -> bool:
+    """Whether an evaluator's metric saves predictions instead of scoring them.
+
+    mmdet's and mmseg's metrics with ``format_only=True`` (results for a test server) and
+    mmengine's dumpers (``--out``) return no metrics by design.
+    """
+    from mmengine.evaluator import DumpResults
+    return bool(getattr(metric, 'format_only', False)) or isinstance(metric, DumpResults)
+
+
+def format_metrics(metrics: Mapping[str, Any], title: str = 'test metrics', evaluator: Any = None) -> str:
     """A markdown table of metric name and value, the last thing test.py prints.
 
     Scalars are written with 4 decimals; other values (per-class lists) as text. A line
     ``| metric | value |`` starts the table, so a script finds it by that header.
+
+    No metrics at all is an error: LaunchError names the metrics of ``evaluator`` (the
+    run's mmengine Evaluator) that returned nothing. The one exception is an evaluator
+    whose every metric only writes files (``format_only=True``, dumpers): a line says so.
     """
     if not metrics:
-        return f'{title}: none (did the model predict nothing above its score threshold?)'
+        ran = list(getattr(evaluator, 'metrics', None) or [])
+        names = ', '.join(type(metric).__name__ for metric in ran) or 'unknown'
+        if ran and all(_writes_files_only(metric) for metric in ran):
+            return (f'{title}: none: {names} only wrote the predictions to files '
+                    '(format_only or a dump), as configured')
+        raise LaunchError(
+            f'no metrics came back from the test evaluator ({names}); evaluators return none when '
+            'the model predicted nothing (an mmdet COCO metric: no box above model.test_cfg.score_thr) '
+            'or the test set is empty')
     lines = [f'{title}:', '| metric | value |', '|---|---|']
     for name, value in metrics.items():
         try:
