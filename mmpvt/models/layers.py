@@ -22,6 +22,21 @@ from torch import nn
 HW = tuple[int, int]
 
 
+
+def init_linear_and_norm(m: nn.Module) -> bool:
+    """The ViT-family initialisation of ``m`` if it is a Linear (truncated normal, std 0.02,
+    zero bias) or a LayerNorm (unit weight, zero bias); returns whether it was one."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    else:
+        return False
+    return True
+
 def nlc_to_nchw(x: torch.Tensor, hw: Sequence[int]) -> torch.Tensor:
     """Views a ``(B, H*W, C)`` token sequence as a ``(B, C, H, W)`` map (channels-last)."""
     return x.transpose(1, 2).unflatten(2, (hw[0], hw[1]))

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from ..ops import dwconv_gelu
 from ..registry import register_model
 from .base import DenseBackbone
-from .layers import HW, DropPath, PatchEmbed, nchw_to_nlc, nlc_to_nchw, resize_pos_embed
+from .layers import HW, DropPath, PatchEmbed, init_linear_and_norm, nchw_to_nlc, nlc_to_nchw, resize_pos_embed
 
 # LayerNorm eps as in the authors' training code: blocks and stage outputs use 1e-6, the
 # patch embeddings and the key/value reduction keep PyTorch's default.
@@ -412,14 +412,9 @@ class PyramidVisionTransformerBase(DenseBackbone):
 
 def _init_weights(m: nn.Module) -> None:
     """The authors' initialisation: truncated normal linears, fan-out normal convs."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
+    if init_linear_and_norm(m):
+        return
+    if isinstance(m, nn.Conv2d):
         fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
         nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
         if m.bias is not None:

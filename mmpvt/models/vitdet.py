@@ -31,7 +31,14 @@ from torch.utils.checkpoint import checkpoint
 
 from ..registry import register_model
 from .base import DenseBackbone
-from .layers import LayerNorm2d, TransformerBlock, abs_pos_embed_to_grid, resize_pos_embed, resize_rel_pos
+from .layers import (
+    LayerNorm2d,
+    TransformerBlock,
+    abs_pos_embed_to_grid,
+    init_linear_and_norm,
+    resize_pos_embed,
+    resize_rel_pos,
+)
 
 # LayerNorm eps of detectron2's ViTDet and of the ViT/MAE pre-training code.
 NORM_EPS = 1e-6
@@ -293,13 +300,7 @@ def _init_weights(m: nn.Module) -> None:
 
     Convolutions keep PyTorch's default, as in detectron2's patch embedding and pyramid.
     """
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+    init_linear_and_norm(m)
 
 
 class ConvNorm(nn.Sequential):
