@@ -155,6 +155,35 @@ def test_benchmark_harness_smoke(python):
     assert all(float(x) > 0 for x in ops['all operators'].split('|')[2:5])
 
 
+def test_benchmark_harness_times_vitdet_against_timms_sam_encoder(python):
+    out = subprocess.run(
+        [python, 'tools/analysis/benchmark_backbone.py', '--arch', 'vitdet_tiny',
+         '--shape', '1', '3', '64', '96', '--mode', 'train', '--repeat', '1', '--memory', '--with-cp'],
+        cwd=ROOT_DIR, capture_output=True, text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith('| ') and 'implementation' not in line]
+    assert [row.split('|')[1].strip() for row in rows] == ['mmpvt', 'timm']
+    assert all(float(row.split('|')[4]) > 0 and float(row.split('|')[7]) > 0 for row in rows)
+
+
+@pytest.mark.parametrize('arch', ['vitdet_tiny', 'vitdet_base', 'vitdet_huge'])
+def test_benchmark_peer_of_vitdet_has_the_same_blocks(arch):
+    """The harness' timm peer runs the same column: equal parameters but for the position
+    embedding (timm's SAM keeps a 64x64 grid, ViTDet the 14x14 pre-training one and a class row)
+    and no parameter in either outside the column."""
+    import importlib.util
+    path = ROOT_DIR / 'tools' / 'analysis' / 'benchmark_backbone.py'
+    spec = importlib.util.spec_from_file_location('harness', path)
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    with torch.device('meta'):
+        ours, peer = harness.build_mmpvt(arch, False), harness.build_timm(arch, False).model
+
+    def shapes(model: nn.Module) -> dict[str, tuple]:
+        return {name: tuple(p.shape) for name, p in model.named_parameters() if name != 'pos_embed'}
+    assert sorted(shapes(ours).values()) == sorted(shapes(peer).values())
+    assert not any(name.startswith(('scale_x', 'neck', 'head')) for name in [*shapes(ours), *shapes(peer)])
+
+
 @pytest.mark.parametrize('hw', [(1, 1), (1, 5), (4, 1), (7, 9), (16, 16)])
 def test_fc1_bias_carried_by_the_depthwise_conv_is_exact(hw):
     """The MLP's bias fold (fc1's bias moved into the 3x3 depthwise conv, the border corrected)

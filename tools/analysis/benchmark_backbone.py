@@ -1,6 +1,7 @@
-"""Compares mmpvt's PVT backbones with mmdet's built-in ones and timm's, in one run.
+"""Compares mmpvt's backbones with their peers (mmdet's built-in PVTs, timm's), in one run.
 
     python tools/analysis/benchmark_backbone.py --arch b2 --shape 1 3 800 1344 --dtype bf16
+    python tools/analysis/benchmark_backbone.py --arch vitdet_base --shape 1 3 1024 1024 --dtype fp32 bf16
     python tools/analysis/benchmark_backbone.py --arch b2 --shape 2 3 512 512 --mode train --memory
     python tools/analysis/benchmark_backbone.py --arch b2 --shape 1 3 800 1333 --detector
     python tools/analysis/benchmark_backbone.py --arch b2 --shape 2 3 512 512 --mode train \
@@ -11,8 +12,11 @@ shared machine hits all of them alike; the table reports each one's median and s
 its time relative to mmpvt, its achieved GFLOP/s next to the machine's GEMM throughput
 for the same dtype (measured in the same run), and, with ``--memory``, the peak memory of
 one step measured in a fresh process per implementation. Weights are random: speed does
-not depend on them. ``--detector`` times a whole RetinaNet (mmdet's PVTv2-b2 config) with
-mmpvt's backbone against the same detector with mmdet's built-in one. ``--op-times`` adds
+not depend on them. ``vitdet_<variant>`` archs time ViTDet's column (the stride-16 map: the
+pyramid's deconvolutions are not built) against timm's ``VisionTransformerSAM`` with the same
+settings (``samvit_base_patch16`` for base) and its neck left out. ``--detector`` times a
+whole RetinaNet (mmdet's PVTv2-b2 config) with mmpvt's backbone against the same detector with
+mmdet's built-in one. ``--op-times`` adds
 each implementation's time per operator, ``--keep-freed-memory`` runs all of them with glibc
 keeping freed memory (no page faults; docs/benchmarks.md says why both are reported).
 """
@@ -38,19 +42,37 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmpvt.apis.quiet import quiet_third_party_warnings
 from mmpvt.models.pvt import PVT_ARCHS, PVTV2_ARCHS
+from mmpvt.models.vitdet import VITDET_ARCHS
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 V1_NAMES = {'tiny': 't', 'small': 's', 'medium': 'm', 'large': 'l'}
+VITDET = 'vitdet_'  # --arch vitdet_base: ViTDet's variants, prefixed
+ARCHS = [*PVT_ARCHS, *PVTV2_ARCHS, *(VITDET + name for name in VITDET_ARCHS)]
+
+
+class FirstOutput(torch.nn.Module):
+    """A model returning one map, as a one-tuple: every step sums a tuple of outputs."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.model.forward_features(x),)
 
 
 # -- the implementations -----------------------------------------------------------------------
 def build_mmpvt(arch: str, with_cp: bool) -> torch.nn.Module:
-    from mmpvt import PVT, PVTv2
+    from mmpvt.models import PVT, PVTv2, ViTDet
+    if arch.startswith(VITDET):  # the column only: the map timm's SAM encoder also ends with
+        return ViTDet(arch=arch[len(VITDET):], out_indices=(2,), drop_path_rate=0., with_cp=with_cp)
     cls = PVT if arch in PVT_ARCHS else PVTv2
     return cls(arch=arch, drop_path_rate=0., with_cp=with_cp)
 
 
 def build_mmdet(arch: str, with_cp: bool) -> torch.nn.Module | None:
+    if arch.startswith(VITDET):
+        return None  # mmdet's ViTDet is a project, not part of the package
     from mmdet.models.backbones.pvt import PyramidVisionTransformer, PyramidVisionTransformerV2
     settings = {**PVT_ARCHS, **PVTV2_ARCHS}[arch]
     if settings.get('linear') or with_cp:
@@ -65,6 +87,17 @@ def build_mmdet(arch: str, with_cp: bool) -> torch.nn.Module | None:
 def build_timm(arch: str, with_cp: bool) -> torch.nn.Module | None:
     if arch in PVT_ARCHS:
         return None  # timm has no PVT v1
+    if arch.startswith(VITDET):
+        from timm.models.vision_transformer_sam import VisionTransformerSAM
+        settings = VITDET_ARCHS[arch[len(VITDET):]]
+        # samvit_base_patch16's settings for base, the neck (or its stand-in norm) left out.
+        model = VisionTransformerSAM(
+            img_size=1024, embed_dim=settings['embed_dims'], depth=settings['depth'],
+            num_heads=settings['num_heads'], global_attn_indexes=settings['global_attn_indexes'],
+            window_size=14, use_rel_pos=True, neck_chans=0, num_classes=0)
+        model.neck = torch.nn.Identity()
+        model.set_grad_checkpointing(with_cp)
+        return FirstOutput(model)
     import timm
     model = timm.create_model(f'pvt_v2_{arch}', features_only=True)
     if with_cp:
@@ -91,6 +124,26 @@ def build_retinanet(backbone: str) -> torch.nn.Module:
 
 
 # -- measuring ------------------------------------------------------------------------------------
+def synchronize(device: str) -> None:
+    """Waits until the device has run all the work queued on it.
+
+    CUDA runs kernels asynchronously: a clock read without this times their launch, not
+    their work.
+    """
+    if device == 'cuda':
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: str) -> float:
+    """Seconds ``fn`` takes on ``device``: nothing earlier is still running when the clock
+    starts, and everything ``fn`` queued has finished when it stops."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, dtype: torch.dtype, device: str,
               detector: bool = False) -> Callable[[], None]:
     """One inference forward, or forward + backward of a scalar from all outputs."""
@@ -111,8 +164,7 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, dtype: torch.d
                 loss = sum(o.float().mean() for o in outs)
             loss.backward()
             model.zero_grad(set_to_none=True)
-        if device == 'cuda':
-            torch.cuda.synchronize()
+        synchronize(device)
     return step
 
 
@@ -129,17 +181,16 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor, mode: str, detector: bo
     return counter.get_total_flops() * (3 if mode == 'train' else 1)
 
 
-def gemm_gflops(dtype: torch.dtype, device: str, size: int = 2048, repeat: int = 5) -> float:
-    """The machine's dense matmul throughput for ``dtype``: the ceiling for this model."""
+def gemm_gflops(dtype: torch.dtype, device: str, size: int | None = None, repeat: int = 5) -> float:
+    """The machine's dense matmul throughput for ``dtype``: the ceiling for this model.
+
+    ``size`` defaults to 2048 on the CPU and 8192 on CUDA, where a smaller product is too
+    short to keep a GPU busy and would time its launch overhead.
+    """
+    size = size or (8192 if device == 'cuda' else 2048)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
-    times = []
-    for _ in range(repeat + 1):
-        start = time.perf_counter()
-        a @ b
-        if device == 'cuda':
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    times = [timed(lambda: a @ b, device) for _ in range(repeat + 1)]
     return 2 * size ** 3 / statistics.median(times[1:]) / 1e9
 
 
@@ -168,6 +219,9 @@ def memory_probe(args: argparse.Namespace) -> None:
     step = make_step(model, x, args.mode, DTYPES[args.dtype[0]], args.device, args.detector)
     step()  # warm-up: one-time allocations (optimiser-free, so only caches) happen here
     if args.device == 'cuda':
+        # The caching allocator's own count of the bytes tensors hold: its peak during the
+        # step over its level before (the step synchronises, so all its work has run).
+        synchronize(args.device)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()
@@ -199,27 +253,30 @@ class OpTimer(TorchDispatchMode):
     """Wall time of every ATen operator a step dispatches, summed by operator name.
 
     Timed at the dispatcher, around each call: torch.profiler's self times were unreliable
-    on this kind of machine (a GEMM's time attributed several times over).
+    on this kind of machine (a GEMM's time attributed several times over). On CUDA each
+    operator is synchronised before and after (``timed``), so that its kernels' run is
+    counted, not their launch; the step then runs slower than untimed.
     """
 
-    def __init__(self, totals: collections.Counter) -> None:
+    def __init__(self, totals: collections.Counter, device: str = 'cpu') -> None:
         super().__init__()
         self.totals = totals
+        self.device = device
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        start = time.perf_counter()
-        out = func(*args, **(kwargs or {}))
-        self.totals[func.overloadpacket.__name__] += time.perf_counter() - start
-        return out
+        out = []
+        seconds = timed(lambda: out.append(func(*args, **(kwargs or {}))), self.device)
+        self.totals[func.overloadpacket.__name__] += seconds
+        return out[0]
 
 
-def op_times_table(rows: dict[str, dict[str, Any]], repeat: int, top: int = 15) -> str:
+def op_times_table(rows: dict[str, dict[str, Any]], repeat: int, top: int = 15, device: str = 'cpu') -> str:
     """Per-operator milliseconds per step of each eager row, timed interleaved."""
     eager = {label: row for label, row in rows.items() if row['eager']}
     totals = {label: collections.Counter() for label in eager}
     for _ in range(repeat):
         for label, row in eager.items():
-            with OpTimer(totals[label]):
+            with OpTimer(totals[label], device):
                 row['step']()
     names = sorted(set().union(*totals.values()), key=lambda n: -max(t[n] for t in totals.values()))
     lines = ['| operator | ' + ' | '.join(eager) + ' |', '|---|' + '---|' * len(eager)]
@@ -258,9 +315,7 @@ def run(args: argparse.Namespace) -> str:
             row['step']()
     for _ in range(args.repeat):
         for row in rows.values():  # interleaved: A B C A B C ...
-            start = time.perf_counter()
-            row['step']()
-            row['times'].append(time.perf_counter() - start)
+            row['times'].append(timed(row['step'], args.device))
     # FLOPs are counted on an eager model: the compiled graph hides its operations.
     eager = build_retinanet('mmpvt') if args.detector else build_mmpvt(args.arch, False)
     eager = eager.to(args.device).train(args.mode == 'train')
@@ -294,13 +349,13 @@ def run(args: argparse.Namespace) -> str:
             line += f' {row["memory"]:.0f} |' if 'memory' in row else ' - |'
         lines.append(line)
     if args.op_times:
-        lines += ['', op_times_table(rows, args.repeat)]
+        lines += ['', op_times_table(rows, args.repeat, device=args.device)]
     return '\n'.join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--arch', default='b2', choices=[*PVT_ARCHS, *PVTV2_ARCHS])
+    parser.add_argument('--arch', default='b2', choices=ARCHS)
     parser.add_argument('--shape', type=int, nargs=4, action='append', metavar=('B', 'C', 'H', 'W'),
                         help='input shape (default 1 3 800 1344); repeat to time several side by side')
     parser.add_argument('--dtype', choices=list(DTYPES), nargs='+', default=['fp32'],
@@ -326,6 +381,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              '(for every implementation alike; not in the --memory probes)')
     parser.add_argument('--memory-probe', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.error(f'--device cuda: no CUDA device is available here (torch.cuda.is_available() is '
+                     f'False; torch {torch.__version__}, built for CUDA {torch.version.cuda or "none"}); '
+                     'run with --device cpu, or on a machine with a GPU')
     args.shape = args.shape or [[1, 3, 800, 1344]]
     if args.detector:
         args.arch = 'b2'
@@ -343,8 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.keep_freed_memory:
         from mmpvt.apis import keep_freed_memory
         allocator = 'freed memory kept' if keep_freed_memory() else 'glibc default (setting refused)'
+    gpu = (f', {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})' if args.device == 'cuda' else '')
     print(f'machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, '
-          f'torch {torch.__version__}, malloc: {allocator}')
+          f'torch {torch.__version__}, malloc: {allocator}{gpu}')
     print(run(args))
 
 
