@@ -26,6 +26,13 @@ SMALL_ARCHS: dict[str, list[dict]] = {
     'PVT': [_PVT_SMALL],
     'PVTv2': [_PVT_SMALL, dict(_PVT_SMALL, linear=True)],
     'ViTDet': [dict(embed_dims=64, depth=4, num_heads=2, global_attn_indexes=(1, 3))],
+    # MViTv2: width change in the attention (T/S/B/L/H) and in the previous block's MLP (L IN-1k).
+    'MViTv2': [dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 2, 1), num_heads=(1, 2, 2, 4)),
+               dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 2, 1), num_heads=(1, 2, 2, 4),
+                    dim_mul_in_attention=False)],
+    # T2TViT: both token layers, narrow (token_dims 16) so that the 1/4-resolution layer is cheap.
+    'T2TViT': [dict(embed_dims=64, depth=4, num_heads=2, mlp_ratio=2., tokens_type=tokens, token_dims=16)
+               for tokens in ('performer', 'transformer')],
 }
 AWKWARD = [(1, 3, 97, 161), (2, 3, 224, 320)]
 KNOWN_FAMILIES = {'PVT', 'PVTv2'}

@@ -81,6 +81,14 @@ EXPECTED = sorted([
 OTHER_FAMILIES = sorted([
     'mask_rcnn_vitdet_b_100e.py', 'cascade_mask_rcnn_vitdet_b_100e.py', 'cascade_mask_rcnn_vitdet_l_100e.py',
     'cascade_mask_rcnn_vitdet_h_100e.py', 'retinanet_vitdet_b.py', 'fpn_vitdet_b_ade20k.py',
+    # tests/test_t2t_configs.py
+    'retinanet_t2t_vit_14.py', 'mask_rcnn_t2t_vit_14.py', 'fpn_t2t_vit_14_ade20k.py',
+    'retinanet_t2t_vit_t_14.py', 'mask_rcnn_t2t_vit_t_14.py', 'fpn_t2t_vit_t_14_ade20k.py',
+    # tests/test_mvit_configs.py
+    'mask_rcnn_mvitv2_t_3x.py', 'cascade_mask_rcnn_mvitv2_t_3x.py', 'cascade_mask_rcnn_mvitv2_s_3x.py',
+    'cascade_mask_rcnn_mvitv2_b_3x.py', 'cascade_mask_rcnn_mvitv2_l_lsj.py',
+    'cascade_mask_rcnn_mvitv2_h_lsj.py', 'retinanet_mvitv2_t.py', 'mask_rcnn_mvitv2_t.py',
+    'fpn_mvitv2_t_ade20k.py',
 ])
 
 
@@ -431,19 +439,16 @@ def test_an_unreachable_url_names_itself_and_the_override(tmp_path, monkeypatch,
 
 
 # -- one batch through each method, on the real dataset layouts ----------------------------------
-def prepare(name: str, root: Path) -> Config:
-    cfg = load(name)
-    set_data_root(cfg, root)
-    to_small_backbone(cfg)
+def cpu_sized(cfg: Config) -> None:
+    """Images 8x smaller, data loaded in the process, fewer proposals and sampled RoIs: the same
+    computation as the config's, a CPU-sized amount of it. Every family's one-batch tests use it."""
     for key in ('train_dataloader', 'val_dataloader'):
         shrink(cfg[key].dataset.pipeline)
         cfg[key].update(num_workers=0, persistent_workers=False)
         cfg[key].dataset.serialize_data = False  # its gc.collect() costs more than the test
-    if cfg.default_scope == 'mmseg':
-        shrink(cfg.model.data_preprocessor)
+    shrink(cfg.model.data_preprocessor)  # training pads: the 512 crops', LSJ's 1024 square
 
     def fewer_boxes(d):
-        # Fewer proposals and sampled RoIs: the same computation, a CPU-sized amount of it.
         if d.get('type') == 'RandomSampler':
             d['num'] = 64
         if 'max_per_img' in d:
@@ -454,6 +459,13 @@ def prepare(name: str, root: Path) -> Config:
             d['score_thr'] = 0.0  # an untrained head scores below the published threshold
 
     walk([cfg.model.get('train_cfg', {}), cfg.model.get('test_cfg', {})], fewer_boxes)
+
+
+def prepare(name: str, root: Path) -> Config:
+    cfg = load(name)
+    set_data_root(cfg, root)
+    to_small_backbone(cfg)
+    cpu_sized(cfg)
     if 'num_queries' in cfg.model:
         cfg.model.num_queries = min(cfg.model.num_queries, 100)
     if 'num_proposals' in cfg.model.get('rpn_head', {}):
@@ -495,9 +507,8 @@ DETECTION_FAMILIES = [
 ]
 
 
-@pytest.mark.parametrize('name, with_masks', DETECTION_FAMILIES)
-def test_detector_trains_and_predicts_one_batch(name, with_masks, coco_root, fast_init):
-    cfg = prepare(name, coco_root)
+def detector_trains_and_predicts(cfg: Config, with_masks: bool) -> None:
+    """One batch of loss (finite, reaching the backbone) and of predictions, evaluated."""
     model = build_model(cfg)
     model.init_weights()  # init_cfg is None: no download
 
@@ -524,10 +535,8 @@ def test_detector_trains_and_predicts_one_batch(name, with_masks, coco_root, fas
     assert 'coco/bbox_mAP' in metrics and ('coco/segm_mAP' in metrics) == with_masks
 
 
-@pytest.mark.parametrize('name', ['fpn_pvt_v2_b0_ade20k.py', 'fpn_pvt_t_ade20k.py',
-                                  'upernet_pvt_v2_b2_ade20k.py'])
-def test_segmentor_trains_and_predicts_one_batch(name, ade_root, fast_init):
-    cfg = prepare(name, ade_root)
+def segmentor_trains_and_predicts(cfg: Config) -> None:
+    """One batch of loss (labels reduced to 0..149 or ignored) and of prediction, evaluated."""
     model = build_model(cfg)
     model.init_weights()
 
@@ -548,6 +557,17 @@ def test_segmentor_trains_and_predicts_one_batch(name, ade_root, fast_init):
     evaluator.dataset_meta = Runner.build_dataloader(cfg.val_dataloader).dataset.metainfo
     evaluator.process([sample], batch)
     assert 'mIoU' in evaluator.evaluate(1)
+
+
+@pytest.mark.parametrize('name, with_masks', DETECTION_FAMILIES)
+def test_detector_trains_and_predicts_one_batch(name, with_masks, coco_root, fast_init):
+    detector_trains_and_predicts(prepare(name, coco_root), with_masks)
+
+
+@pytest.mark.parametrize('name', ['fpn_pvt_v2_b0_ade20k.py', 'fpn_pvt_t_ade20k.py',
+                                  'upernet_pvt_v2_b2_ade20k.py'])
+def test_segmentor_trains_and_predicts_one_batch(name, ade_root, fast_init):
+    segmentor_trains_and_predicts(prepare(name, ade_root))
 
 
 def test_real_scale_pipelines(coco_root, ade_root):
@@ -572,7 +592,12 @@ def test_real_scale_pipelines(coco_root, ade_root):
 
 # -- documentation ------------------------------------------------------------------------------
 UNPUBLISHED = {'mask_rcnn_pvt_v2_b2_li_3x.py', 'deformable_detr_pvt_v2_b2.py', 'upernet_pvt_v2_b2_ade20k.py',
-               'retinanet_vitdet_b.py', 'fpn_vitdet_b_ade20k.py'}
+               'retinanet_vitdet_b.py', 'fpn_vitdet_b_ade20k.py',
+               # no detection or segmentation result of T2T-ViT is published
+               'retinanet_t2t_vit_14.py', 'mask_rcnn_t2t_vit_14.py', 'fpn_t2t_vit_14_ade20k.py',
+               'retinanet_t2t_vit_t_14.py', 'mask_rcnn_t2t_vit_t_14.py', 'fpn_t2t_vit_t_14_ade20k.py',
+               # MViTv2-T in the zoo's 1x / 40k recipes: beyond detectron2's release
+               'retinanet_mvitv2_t.py', 'mask_rcnn_mvitv2_t.py', 'fpn_mvitv2_t_ade20k.py'}
 
 
 def test_readme_and_metafile_list_every_config():

@@ -200,23 +200,7 @@ def tiny(name: str, root: Path) -> Config:
     cfg.model.backbone.arch = dict(TINY)  # a dict in place of the base's name
     cfg.merge_from_dict({'model.backbone.img_size': 256, 'model.backbone.window_size': 4,
                          'model.backbone.init_cfg': None, 'model.neck.in_channels': channels})
-    for key in ('train_dataloader', 'val_dataloader'):
-        zoo.shrink(cfg[key].dataset.pipeline)
-        cfg[key].update(num_workers=0, persistent_workers=False)
-        cfg[key].dataset.serialize_data = False
-    zoo.shrink(cfg.model.data_preprocessor)  # LSJ's 1024 square pad with the 1024 crops
-
-    def fewer_boxes(d):
-        if d.get('type') == 'RandomSampler':
-            d['num'] = 64
-        if 'max_per_img' in d:
-            d['max_per_img'] = min(d['max_per_img'], 100)
-        if 'nms_pre' in d:
-            d['nms_pre'] = min(d['nms_pre'], 200)
-        if 'score_thr' in d:
-            d['score_thr'] = 0.0  # an untrained head scores below the published threshold
-
-    zoo.walk([cfg.model.get('train_cfg', {}), cfg.model.get('test_cfg', {})], fewer_boxes)
+    zoo.cpu_sized(cfg)
     return cfg
 
 
@@ -224,38 +208,10 @@ def tiny(name: str, root: Path) -> Config:
                                               ('retinanet_vitdet_b.py', False)])
 def test_detector_trains_and_predicts_one_batch(name, with_masks, coco_root, fast_init):
     cfg = tiny(name, coco_root)
-    model = zoo.build_model(cfg)
-    model.init_weights()
-    assert model.backbone.arch_settings['embed_dims'] == 64
-
-    zoo.check_finite_losses(model, zoo.first_batch(cfg.train_dataloader, 2))
-
-    model.eval()
-    batch = zoo.first_batch(cfg.val_dataloader, 2)
-    with torch.no_grad():
-        outputs = model.val_step(batch)
-    assert len(outputs) == 2
-    for sample in outputs:
-        pred = sample.pred_instances
-        n = len(pred)
-        assert n > 0 and pred.bboxes.shape == (n, 4) and torch.isfinite(pred.bboxes).all()
-        assert ((pred.labels >= 0) & (pred.labels < 80)).all()
-        assert sample.ori_shape == zoo.IMAGE_HW
-        if with_masks:
-            assert pred.masks.shape == (n, *zoo.IMAGE_HW)
+    assert cfg.model.backbone.arch['embed_dims'] == 64  # the small arch
+    zoo.detector_trains_and_predicts(cfg, with_masks)
 
 
 def test_segmentor_trains_and_predicts_one_batch(ade_root, fast_init):
     cfg = tiny('fpn_vitdet_b_ade20k.py', ade_root)
-    model = zoo.build_model(cfg)
-    model.init_weights()
-
-    zoo.check_finite_losses(model, zoo.first_batch(cfg.train_dataloader, 2))
-
-    model.eval()
-    batch = zoo.first_batch(cfg.val_dataloader, 1)
-    with torch.no_grad():
-        (sample,) = model.val_step(batch)
-    seg = sample.pred_sem_seg.data
-    assert seg.shape == (1, *zoo.IMAGE_HW)
-    assert ((seg >= 0) & (seg < 150)).all()
+    zoo.segmentor_trains_and_predicts(cfg)

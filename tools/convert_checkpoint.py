@@ -9,6 +9,10 @@ Families (``--type``) and the layouts each reads:
             PVT (backbone or whole detector checkpoints), mmpvt's own
     vitdet  ViTDet: timm vit_* and DeiT releases, MAE pre-training files, detectron2 ViTDet
             detectors (.pth and the model zoo's .pkl), mmdet's ViTDet project, mmpvt's own
+    mvit    MViTv2: the official .pyth releases, timm mvitv2_*, detectron2 MViT detectors
+            (.pth and the model zoo's .pkl), mmpretrain MViT classifiers, mmpvt's own
+    t2t     T2T-ViT: the authors' .pth.tar releases and timm training-script files (their
+            EMA weights taken), mmpretrain T2T_ViT classifiers, mmpvt's own
 
 Without ``--type`` the family is detected from the checkpoint's keys. Files are read with
 ``weights_only=True`` (``.pkl`` files by an unpickler that builds numpy arrays only).
@@ -24,7 +28,19 @@ from typing import Any, NamedTuple
 import torch
 
 from mmpvt.checkpoint import CheckpointError, load_checkpoint_file
+from mmpvt.models.mvit import (
+    convert_mvit_state_dict,
+    detect_mvit_layout,
+    mvit_dropped_keys,
+    unwrap_mvit_checkpoint,
+)
 from mmpvt.models.pvt import CLASSIFICATION_KEYS, convert_pvt_state_dict, detect_layout, unwrap_state_dict
+from mmpvt.models.t2t_vit import (
+    convert_t2t_state_dict,
+    detect_t2t_layout,
+    t2t_dropped_keys,
+    unwrap_t2t_checkpoint,
+)
 from mmpvt.models.vitdet import (
     convert_vitdet_state_dict,
     detect_vitdet_layout,
@@ -49,6 +65,10 @@ class Family(NamedTuple):
 FAMILIES: dict[str, Family] = {
     'vitdet': Family(unwrap_vitdet_checkpoint, detect_vitdet_layout, convert_vitdet_state_dict,
                      vitdet_dropped_keys),
+    # MViTv2's test (q/k/v pooling weights) is stricter still; ViTDet's and PVT's refuse its files.
+    'mvit': Family(unwrap_mvit_checkpoint, detect_mvit_layout, convert_mvit_state_dict, mvit_dropped_keys),
+    # T2T-ViT's test needs its tokens-to-token module; ViTDet's and PVT's refuse its files.
+    't2t': Family(unwrap_t2t_checkpoint, detect_t2t_layout, convert_t2t_state_dict, t2t_dropped_keys),
     'pvt': Family(unwrap_state_dict, detect_layout, convert_pvt_state_dict,
                   lambda ckpt: [k for k in unwrap_state_dict(ckpt) if CLASSIFICATION_KEYS.match(k)]),
 }

@@ -14,12 +14,34 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-
-# Re-exported so that every mmpvt backbone takes stochastic depth from one place.
-from timm.layers import DropPath  # noqa: F401
+from mmengine.logging import MMLogger, print_log
 from torch import nn
 
 HW = tuple[int, int]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zeroes a sample's residual branch with probability
+    ``drop_prob`` and scales the kept ones by ``1 / (1 - drop_prob)``.
+
+    The same arithmetic and random draws as timm's ``DropPath`` (one Bernoulli draw per sample,
+    in the input's dtype), written here so that importing mmpvt, and so every tool's start,
+    does not import timm (1.4 s).
+    """
+
+    def __init__(self, drop_prob: float = 0.) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0. or not self.training:
+            return x
+        keep_prob = 1 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+        return x * mask.div_(keep_prob)
+
+    def extra_repr(self) -> str:
+        return f'drop_prob={self.drop_prob:.3f}'
 
 
 
@@ -208,14 +230,70 @@ class LayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
-class Mlp(nn.Module):
-    """A transformer block's feed-forward part: fc1, exact (erf) GELU, fc2."""
+# -- the simple feature pyramid's scale changes (ViTDet, T2T-ViT) ------------------------------
+# A columnar backbone makes one stride-16 map; these turn it into the four levels (strides 4,
+# 8, 16, 32) mmpvt promises to any FPN neck, as ViTDet's simple pyramid does. The layers are
+# registered on the backbone itself, so that checkpoint keys stay flat (``scale_x4.0.weight``).
+PYRAMID_SCALE_CHANGES = ('scale_x4', 'scale_x2')  # the modules of levels 0 and 1
+PYRAMID_PREFIXES = tuple(f'{name}.' for name in PYRAMID_SCALE_CHANGES)
 
-    def __init__(self, dims: int, hidden_dims: int, drop: float = 0.) -> None:
+
+def add_pyramid_scale_changes(backbone: nn.Module, dims: int, levels: Sequence[int],
+                              norm_eps: float = 1e-6) -> tuple[int, ...]:
+    """Builds on ``backbone`` the scale changes of those ``levels`` that need layers.
+
+    Level 0 (stride 4), ``backbone.scale_x4``: a 2x2/2 deconvolution to ``dims / 2``, channel
+    LayerNorm (``norm_eps``; detectron2's 1e-6 by default), GELU, a 2x2/2 deconvolution to
+    ``dims / 4``. Level 1 (stride 8), ``backbone.scale_x2``: one deconvolution to ``dims / 2``.
+    Levels 2 (the map itself) and 3 (a 2x2 max-pool) have no layers. Only requested levels
+    are built, so that no parameter goes unused. Returns the channels of all four levels,
+    ``(dims / 4, dims / 2, dims, dims)``.
+    """
+    if 0 in levels:
+        backbone.scale_x4 = nn.Sequential(
+            nn.ConvTranspose2d(dims, dims // 2, 2, stride=2), LayerNorm2d(dims // 2, eps=norm_eps),
+            nn.GELU(), nn.ConvTranspose2d(dims // 2, dims // 4, 2, stride=2))
+    if 1 in levels:
+        backbone.scale_x2 = nn.Sequential(nn.ConvTranspose2d(dims, dims // 2, 2, stride=2))
+    return (dims // 4, dims // 2, dims, dims)
+
+
+def pyramid_level(backbone: nn.Module, level: int, x: torch.Tensor) -> torch.Tensor:
+    """Level ``level`` (stride ``4 * 2**level``) of the stride-16 map ``x``, ``(B, C, H, W)``,
+    through the scale changes :func:`add_pyramid_scale_changes` built on ``backbone``."""
+    if level == 0:
+        return backbone.scale_x4(x)
+    if level == 1:
+        return backbone.scale_x2(x)
+    return x if level == 2 else F.max_pool2d(x, kernel_size=2, stride=2)
+
+
+def drop_unbuilt_pyramid_levels(backbone: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Removes, from a state dict about to be loaded, the scale changes of the levels that
+    ``backbone`` does not build (outside its ``out_indices``), with one log line: a checkpoint
+    of the whole pyramid loads into a model of fewer levels."""
+    out_indices = backbone.out_indices
+    unbuilt = tuple(p for level, p in enumerate(PYRAMID_PREFIXES) if level not in out_indices)
+    skipped = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].startswith(unbuilt)]
+    for key in skipped:
+        del state_dict[key]
+    if skipped:
+        print_log(f'{type(backbone).__name__}: skipped {len(skipped)} checkpoint tensors of pyramid levels '
+                  f'outside out_indices {out_indices}', MMLogger.get_current_instance())
+
+
+class Mlp(nn.Module):
+    """A transformer block's feed-forward part: fc1, exact (erf) GELU, fc2.
+
+    ``out_dims`` (default: ``dims``) lets a block change width in its MLP, as MViTv2-L's
+    ImageNet-1k design does at the end of each stage.
+    """
+
+    def __init__(self, dims: int, hidden_dims: int, drop: float = 0., out_dims: int | None = None) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dims, hidden_dims)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dims, dims)
+        self.fc2 = nn.Linear(hidden_dims, out_dims or dims)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -480,7 +480,9 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
 def detect_layout(state_dict: Mapping[str, Any]) -> str:
     """Names the layout of a PVT state dict: 'mmpvt', 'official', 'timm' or 'mmdet'."""
     keys = list(state_dict)
-    if any(k.startswith('patch_embed.') or '.downsample.' in k for k in keys):
+    # MViTv2 files share timm's top-level patch_embed. names; their q/k/v pooling marks them.
+    if any(k.startswith('patch_embed.') or '.downsample.' in k for k in keys) \
+            and not any('.attn.pool_q.' in k for k in keys):
         return 'timm'
     if any(re.match(r'(patch_embed|block)\d\.', k) for k in keys):
         return 'official'

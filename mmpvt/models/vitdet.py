@@ -35,7 +35,10 @@ from .layers import (
     LayerNorm2d,
     TransformerBlock,
     abs_pos_embed_to_grid,
+    add_pyramid_scale_changes,
+    drop_unbuilt_pyramid_levels,
     init_linear_and_norm,
+    pyramid_level,
     resize_pos_embed,
     resize_rel_pos,
 )
@@ -153,13 +156,7 @@ class ViTDet(DenseBackbone):
                 attn_drop=attn_drop_rate, drop_path=rates[i]))
 
         # The scale changes of the simple pyramid, flat in the state dict.
-        if 0 in self.out_indices:
-            self.scale_x4 = nn.Sequential(
-                nn.ConvTranspose2d(dims, dims // 2, 2, stride=2), LayerNorm2d(dims // 2, eps=NORM_EPS),
-                nn.GELU(), nn.ConvTranspose2d(dims // 2, dims // 4, 2, stride=2))
-        if 1 in self.out_indices:
-            self.scale_x2 = nn.Sequential(nn.ConvTranspose2d(dims, dims // 2, 2, stride=2))
-        self.level_channels = (dims // 4, dims // 2, dims, dims)
+        self.level_channels = add_pyramid_scale_changes(self, dims, self.out_indices, norm_eps=NORM_EPS)
 
         self.apply(_init_weights)
         if self.pos_embed is not None:
@@ -246,14 +243,7 @@ class ViTDet(DenseBackbone):
           partly present is left to fail as any missing key does.
         """
         logger = MMLogger.get_current_instance()
-        unbuilt = tuple(name for name, level in (('scale_x4.', 0), ('scale_x2.', 1))
-                        if level not in self.out_indices)
-        skipped = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].startswith(unbuilt)]
-        for key in skipped:
-            del state_dict[key]
-        if skipped:
-            print_log(f'{type(self).__name__}: skipped {len(skipped)} checkpoint tensors of pyramid levels '
-                      f'outside out_indices {self.out_indices}', logger)
+        drop_unbuilt_pyramid_levels(self, state_dict, prefix)
         super().adapt_loaded_state_dict(state_dict, prefix)
         own = self.state_dict()
         groups = {'relative-position tables': [k for k in own if k.endswith(('.rel_pos_h', '.rel_pos_w'))],
@@ -284,15 +274,7 @@ class ViTDet(DenseBackbone):
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         x = x.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last
-        return tuple(self._level(i, x) for i in self.out_indices)
-
-    def _level(self, level: int, x: torch.Tensor) -> torch.Tensor:
-        """Pyramid level ``level`` (stride ``4 * 2**level``) of the stride-16 map ``x``."""
-        if level == 0:
-            return self.scale_x4(x)
-        if level == 1:
-            return self.scale_x2(x)
-        return x if level == 2 else F.max_pool2d(x, kernel_size=2, stride=2)
+        return tuple(pyramid_level(self, i, x) for i in self.out_indices)
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -1,0 +1,617 @@
+"""MViTv2: a multiscale transformer with pooling attention, as a dense-prediction backbone.
+
+Paper: "MViTv2: Improved Multiscale Vision Transformers for Classification and Detection"
+(Li, Wu, Fan, Mangalam, Xiong, Malik, Feichtenhofer; CVPR 2022). The blocks are the
+official release's (and timm's): a 7x7/4 patch embedding, pooling attention in every block
+(a 3x3 depthwise convolution per head, shared by the heads, then LayerNorm, on q, k and v),
+residual pooling and decomposed relative positions. The detection design is detectron2's
+``MViT``: window attention in most blocks, global attention with a doubled kv stride at the
+end of stages 2 and 3, relative-position tables kept at their 224 shapes and resized on every
+forward, and a new LayerNorm per output level applied to a copy of the trunk.
+
+The file reads bottom-up: the layers specific to MViTv2, the block, the stage rules (which
+block pools by how much, where windows shrink and attention goes global), the backbone,
+checkpoint conversion, then the table of variants. Windows, relative positions and the MLP
+are in ``layers.py``.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mmengine.logging import MMLogger, print_log
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..registry import register_model
+from .base import DenseBackbone
+from .layers import (
+    DropPath,
+    Mlp,
+    decomposed_rel_pos,
+    init_linear_and_norm,
+    resize_rel_pos,
+    window_partition,
+    window_unpartition,
+)
+
+# LayerNorm eps of every MViTv2 release and of detectron2's MViT configs.
+NORM_EPS = 1e-6
+# The token grid of a 224 input after the stride-4 patch embedding: every release sizes its
+# relative-position tables from it, and detectron2 keeps those shapes (resizing at run time).
+PRETRAIN_GRID = 56
+# The kv pooling stride of stage 1; halved (down to 1) at each stage's first block.
+ADAPTIVE_KV_STRIDE = 4
+NUM_STAGES = 4
+
+
+# -- layers ----------------------------------------------------------------------------------
+class PatchEmbed(nn.Module):
+    """The 7x7 / stride-4 / padding-3 convolution stem, without a norm: ``(B, H/4, W/4, C)`` tokens.
+
+    Sizes round up (``ceil(H / 4)``), as the padded convolution does.
+    """
+
+    def __init__(self, in_channels: int, embed_dims: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, embed_dims, kernel_size=7, stride=4, padding=3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A channels-last image gives a channels-last map, whose (B, H, W, C) view is contiguous.
+        return self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
+
+
+class HeadSharedPool(nn.Conv2d):
+    """MViTv2's attention pooling: a 3x3 depthwise convolution (padding 1, no bias) over one
+    head's channels, the same weights for every head.
+
+    The weights have the releases' shape ``(head_dims, 1, 3, 3)``; :func:`pool_token_maps`
+    applies them to all heads of a map at once.
+    """
+
+    def __init__(self, head_dims: int, stride: int) -> None:
+        super().__init__(head_dims, head_dims, kernel_size=3, stride=stride, padding=1, groups=head_dims,
+                         bias=False)
+
+
+def pool_token_maps(x: torch.Tensor, pools: Sequence[HeadSharedPool], stride: int) -> torch.Tensor:
+    """Pools ``(B, H, W, n * C)`` maps (n parts of ``heads x head_dims`` channels) in one convolution.
+
+    Part ``i`` (q, k or v) is pooled with ``pools[i]``'s weights, repeated over its heads: the
+    depthwise convolution of the whole map then equals the per-head convolutions of the
+    releases, without folding the heads into the batch. Returns ``(B, H', W', n * C)`` with
+    ``H' = ceil(H / stride)``.
+    """
+    channels = x.shape[-1]
+    heads = channels // (len(pools) * pools[0].in_channels)
+    weight = torch.cat([pool.weight.repeat(heads, 1, 1, 1) for pool in pools])
+    out = F.conv2d(x.permute(0, 3, 1, 2), weight, None, stride, 1, 1, channels)
+    return out.permute(0, 2, 3, 1)
+
+
+def max_pool_tokens(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """The skip path of a q-stride block: max-pool ``(B, H, W, C)`` over ``stride + 1`` squares."""
+    kernel = stride + 1
+    return F.max_pool2d(x.permute(0, 3, 1, 2), kernel, stride, kernel // 2).permute(0, 2, 3, 1)
+
+
+class PoolingAttention(nn.Module):
+    """Multi-head pooling attention over a ``(B, H, W, dims)`` map, windowed or global.
+
+    q is pooled with ``q_stride`` (the output's grid), k and v with ``kv_stride``, each then
+    normalised per head; with ``window_size > 0`` the pooled maps are cut into windows of
+    ``window_size // stride`` tokens (zero padding, no mask), otherwise all queries attend to
+    all keys. The logits gain the decomposed relative-position term of the pooled, un-scaled
+    q; the pooled q is added to the attention output (residual pooling) before the
+    projection. Runs on ``scaled_dot_product_attention`` with the relative-position term as
+    its additive mask.
+
+    Args:
+        dims: channels of the input map.
+        out_dims: channels of q, k, v and of the output (the width changes here in the
+            first block of a stage).
+        num_heads: attention heads; must divide ``out_dims``.
+        q_stride, kv_stride: pooling strides of q and of k, v.
+        window_size: side of the windows before pooling, 0 for global attention; must be a
+            multiple of both strides.
+        rel_pos_rows: rows of the relative-position tables (resized when a window or map
+            needs another number).
+    """
+
+    def __init__(self, dims: int, out_dims: int, num_heads: int, q_stride: int, kv_stride: int,
+                 window_size: int, rel_pos_rows: int) -> None:
+        super().__init__()
+        if out_dims % num_heads:
+            raise ValueError(f'num_heads ({num_heads}) must divide the attention width ({out_dims})')
+        if window_size % q_stride or window_size % kv_stride:
+            raise ValueError(f'window_size {window_size} must be a multiple of the q stride ({q_stride}) '
+                             f'and of the kv stride ({kv_stride})')
+        head_dims = out_dims // num_heads
+        self.num_heads = num_heads
+        self.q_stride, self.kv_stride = q_stride, kv_stride
+        self.window_size = window_size
+        self.qkv = nn.Linear(dims, 3 * out_dims)
+        self.proj = nn.Linear(out_dims, out_dims)
+        self.pool_q = HeadSharedPool(head_dims, q_stride)
+        self.norm_q = nn.LayerNorm(head_dims, eps=NORM_EPS)
+        self.pool_k = HeadSharedPool(head_dims, kv_stride)
+        self.norm_k = nn.LayerNorm(head_dims, eps=NORM_EPS)
+        self.pool_v = HeadSharedPool(head_dims, kv_stride)
+        self.norm_v = nn.LayerNorm(head_dims, eps=NORM_EPS)
+        # Zero start, as detectron2's: every release carries trained tables.
+        self.rel_pos_h = nn.Parameter(torch.zeros(rel_pos_rows, head_dims))
+        self.rel_pos_w = nn.Parameter(torch.zeros(rel_pos_rows, head_dims))
+
+    def _pooled(self, x: torch.Tensor, parts: str, stride: int) -> list[torch.Tensor]:
+        """The pooled, per-head normalised maps ``(B, H', W', heads, head_dims)`` of ``parts``
+        (a run of 'q', 'k', 'v') of the projected map ``x``."""
+        pools = [getattr(self, f'pool_{p}') for p in parts]
+        out = pool_token_maps(x, pools, stride).unflatten(-1, (len(parts), self.num_heads, -1))
+        return [getattr(self, f'norm_{p}')(out[..., i, :, :]) for i, p in enumerate(parts)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        heads = self.num_heads
+        qkv = self.qkv(x)
+        dims = qkv.shape[-1] // 3
+        # Parts with the same stride share one convolution.
+        if self.q_stride == self.kv_stride:
+            q, k, v = self._pooled(qkv, 'qkv', self.q_stride)
+        else:
+            q, = self._pooled(qkv[..., :dims], 'q', self.q_stride)
+            k, v = self._pooled(qkv[..., dims:], 'kv', self.kv_stride)
+        pooled_q = q
+        if self.window_size:
+            q_win, kv_win = self.window_size // self.q_stride, self.window_size // self.kv_stride
+            q, padded_hw = window_partition(q.flatten(-2), q_win)
+            k, _ = window_partition(k.flatten(-2), kv_win)
+            v, _ = window_partition(v.flatten(-2), kv_win)
+            q_hw, kv_hw = (q_win, q_win), (kv_win, kv_win)
+        else:
+            q_hw, kv_hw = q.shape[1:3], k.shape[1:3]
+        # (batch or windows, heads, tokens, head_dims), views of the maps
+        q, k, v = (t.reshape(t.shape[0], -1, heads, dims // heads).transpose(1, 2) for t in (q, k, v))
+        mask = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, q_hw, kv_hw)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(out.shape[0], q_hw[0], q_hw[1], dims)
+        if self.window_size:
+            out = window_unpartition(out, q_win, padded_hw, pooled_q.shape[1:3])
+        return self.proj(out + pooled_q.flatten(-2))
+
+
+# -- block -----------------------------------------------------------------------------------
+class MultiScaleBlock(nn.Module):
+    """A pre-norm MViTv2 block on a ``(B, H, W, C)`` map.
+
+    ``x -> skip(x) + attn(norm1(x))`` then ``x -> skip'(x) + mlp(norm2(x))``. Where the width
+    changes, the skip is a Linear (``proj``) on the *normalised* input, as in the releases:
+    on ``norm1``'s output when the attention widens (``widen_in_attention``, every released
+    model but MViTv2-L IN-1k), on ``norm2``'s when the MLP does. A q-stride block max-pools
+    its skip path (kernel ``stride + 1``, padding 1).
+
+    Args:
+        dims: channels of the input map.
+        out_dims: channels of the output map.
+        num_heads, q_stride, kv_stride, window_size, rel_pos_rows: the attention's settings.
+        widen_in_attention: where a width change happens (see above).
+        mlp_ratio: hidden width of the MLP relative to its input.
+        drop_path: stochastic-depth rate of both residual branches.
+    """
+
+    def __init__(self, dims: int, out_dims: int, num_heads: int, q_stride: int, kv_stride: int,
+                 window_size: int, rel_pos_rows: int, widen_in_attention: bool = True,
+                 mlp_ratio: float = 4., drop_path: float = 0.) -> None:
+        super().__init__()
+        attn_dims = out_dims if widen_in_attention else dims
+        self.q_stride = q_stride
+        self.widen_in_attention = widen_in_attention
+        self.norm1 = nn.LayerNorm(dims, eps=NORM_EPS)
+        self.attn = PoolingAttention(dims, attn_dims, num_heads, q_stride, kv_stride, window_size,
+                                     rel_pos_rows)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(attn_dims, eps=NORM_EPS)
+        self.mlp = Mlp(attn_dims, int(attn_dims * mlp_ratio), out_dims=out_dims)
+        self.proj = nn.Linear(dims, out_dims) if dims != out_dims else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the output map and the block's map at its attention width.
+
+        The second is the output itself, except in a block that widens in its MLP, where it
+        is the map after the attention (the last one at the stage's width).
+        """
+        x_norm = self.norm1(x)
+        attended = self.attn(x_norm)
+        if self.proj is not None and self.widen_in_attention:
+            x = self.proj(x_norm)
+        if self.q_stride > 1:
+            x = max_pool_tokens(x, self.q_stride)
+        x = x + self.drop_path(attended)
+        x_norm = self.norm2(x)
+        if self.proj is not None and not self.widen_in_attention:
+            return self.proj(x_norm) + self.drop_path(self.mlp(x_norm)), x
+        x = x + self.drop_path(self.mlp(x_norm))
+        return x, x
+
+
+# -- stage rules -----------------------------------------------------------------------------
+class BlockSpec(NamedTuple):
+    """Where one block sits and what it does, by MViTv2's and detectron2's stage rules."""
+    stage: int  # 0-based; the last block of stage s gives level s (stride 4 * 2**s)
+    dims: int  # input channels
+    out_dims: int  # output channels
+    num_heads: int
+    q_stride: int
+    kv_stride: int
+    window_size: int  # window side before pooling; 0 for global attention
+    rel_pos_rows: int  # rows of the relative-position tables, sized from the 224 grid
+    widen_in_attention: bool
+
+
+def mvit_block_specs(arch: Mapping[str, Any], window_size: int = 56,
+                     global_kv_stride_x2: bool = True) -> list[BlockSpec]:
+    """Every block's settings for a resolved arch (``embed_dims``, ``depths``, ``num_heads``,
+    ``dim_mul_in_attention`` per stage), following detectron2's ``MViT`` constructor.
+
+    - q stride 2 in the first block of stages 2-4, 1 elsewhere;
+    - kv stride 4 in stage 1, halved (down to 1) at each q-stride block: 4/2/1/1;
+    - windows of ``window_size`` tokens in stage 1, halved after the first block of each
+      later stage (so that block, which pools q by 2, still sees the previous stage's
+      windows); the last block of stages 2, 3 and 4 attends globally, and with
+      ``global_kv_stride_x2`` those of stages 2 and 3 pool k and v twice as much;
+    - relative-position tables of ``2 * max(grid // q_stride, grid // kv_stride) - 1`` rows
+      for the block's grid at a 224 input (111, 55, 27, 13 rows in the released models);
+    - the width changes in the first block of a stage's attention, or (``dim_mul_in_attention``
+      False, MViTv2-L IN-1k) in the last block of the previous stage's MLP; heads change with
+      the stage either way.
+    """
+    dims, depths, heads = arch['embed_dims'], arch['depths'], arch['num_heads']
+    in_attention = arch.get('dim_mul_in_attention', True)
+    kv_stride, window, grid = ADAPTIVE_KV_STRIDE, window_size, PRETRAIN_GRID
+    specs = []
+    for stage, depth in enumerate(depths):
+        for j in range(depth):
+            first = stage > 0 and j == 0
+            last = j == depth - 1
+            if first:
+                kv_stride = max(kv_stride // 2, 1)
+            q_stride = 2 if first else 1
+            is_global = last and stage > 0
+            block_kv = kv_stride * 2 if is_global and global_kv_stride_x2 and stage in (1, 2) else kv_stride
+            if in_attention:
+                block_dims, block_out = (dims[stage - 1] if first else dims[stage]), dims[stage]
+            else:
+                block_dims = dims[stage]
+                block_out = dims[stage + 1] if last and stage < len(depths) - 1 else dims[stage]
+            specs.append(BlockSpec(
+                stage, block_dims, block_out, heads[stage], q_stride, block_kv, 0 if is_global else window,
+                2 * max(grid // q_stride, grid // block_kv) - 1, in_attention))
+            if first:
+                window //= 2
+                grid //= 2
+    return specs
+
+
+# -- backbone --------------------------------------------------------------------------------
+def _out_norm_name(level: int) -> str:
+    """detectron2's name of the output norm of level ``level`` (scale2_norm for stride 4)."""
+    return f'scale{level + 2}_norm'
+
+
+_OUT_NORM_KEY = re.compile(r'^scale([2-5])_norm\.')
+
+
+@register_model
+class MViTv2(DenseBackbone):
+    """MViTv2 with detectron2's detection design: maps at strides 4, 8, 16, 32.
+
+    Level ``s`` is the last block of stage ``s`` through its own new LayerNorm (eps 1e-6),
+    applied to a copy: the next stage continues from the un-normalised map. For the
+    MLP-widening design (``large_in1k``), whose last block of a stage already widens to the
+    next stage's channels, level ``s`` is that block's map after its attention, the last one
+    at stage ``s``'s width; the last level is the last block's output as usual. No class
+    token and no absolute position embedding. Any input of at least 32x32 runs: the maps
+    have ``ceil(H / stride) x ceil(W / stride)`` tokens, exactly ``H / stride`` for inputs
+    padded to ``size_divisor`` (32).
+
+    Args:
+        arch: tiny, small, base, large (ImageNet-21k design, width change in attention,
+            what detectron2 uses), large_in1k (ImageNet-1k design: width change in the
+            previous block's MLP), huge; or a dict with per-stage ``embed_dims``,
+            ``depths``, ``num_heads`` and optionally ``mlp_ratio`` (4),
+            ``dim_mul_in_attention`` (True) and ``drop_path_rate`` (0.2). The stage
+            boundaries place the q-stride blocks, kv strides, window halving and global
+            blocks (see :func:`mvit_block_specs`).
+        in_channels: channels of the input image.
+        out_indices: levels to return, 0-based (strides 4, 8, 16, 32). Only their output
+            norms are built, and the blocks after the deepest one do not run.
+        drop_path_rate: stochastic depth of the last block, growing linearly from 0 over all
+            blocks; None takes the variant's (detectron2's COCO value: 0.2 for T and S, 0.4
+            for B, 0.5 for L, 0.6 for H).
+        window_size: window side in stage 1 (56), halved per stage; 0 makes every block
+            global. Must be a multiple of 8 (the smallest windows are window_size / 8).
+        global_kv_stride_x2: double the kv stride of the global blocks of stages 2 and 3, as
+            detectron2 does. Off, with ``window_size=0``, the features are the
+            classification model's.
+        frozen_stages: 0 or -1 freeze nothing; ``k`` in 1..4 freezes the patch embedding and
+            the blocks of the first ``k`` stages. The output norms are new layers and are
+            never frozen.
+        norm_eval, with_cp, check_finite, init_cfg: see ``DenseBackbone``. ``with_cp``
+            recomputes each block in the backward pass. ``init_cfg`` loads the official
+            ``.pyth`` releases, timm ``mvitv2_*``, detectron2 MViT detectors (.pth and .pkl),
+            mmpretrain ``MViT`` and mmpvt checkpoints.
+    """
+
+    required_arch_keys = ('embed_dims', 'depths', 'num_heads')
+    level_strides = (4, 8, 16, 32)
+
+    def __init__(self, arch: str | Mapping[str, Any] = 'base', in_channels: int = 3,
+                 out_indices: int | Sequence[int] = (0, 1, 2, 3), drop_path_rate: float | None = None,
+                 window_size: int = 56, global_kv_stride_x2: bool = True, frozen_stages: int = -1,
+                 norm_eval: bool = False, with_cp: bool = False, check_finite: bool = True,
+                 init_cfg: Mapping[str, Any] | None = None) -> None:
+        super().__init__(arch, in_channels=in_channels, out_indices=out_indices, frozen_stages=frozen_stages,
+                         norm_eval=norm_eval, with_cp=with_cp, check_finite=check_finite, init_cfg=init_cfg)
+        if not isinstance(window_size, int) or window_size < 0 or window_size % 8:
+            raise ValueError(f'MViTv2: window_size must be 0 (global attention) or a positive multiple of 8 '
+                             f'(stage 4 windows are window_size / 8 tokens), got {window_size!r}')
+        settings = self.arch_settings
+        self.window_size = window_size
+        self.global_kv_stride_x2 = global_kv_stride_x2
+        self.block_specs = mvit_block_specs(settings, window_size, global_kv_stride_x2)
+        self.patch_embed = PatchEmbed(in_channels, settings['embed_dims'][0])
+        if drop_path_rate is None:
+            drop_path_rate = settings['drop_path_rate']
+        # stochastic depth decay rule: linear over all blocks
+        rates = torch.linspace(0, drop_path_rate, len(self.block_specs), device='cpu').tolist()
+        self.blocks = nn.ModuleList(
+            MultiScaleBlock(spec.dims, spec.out_dims, spec.num_heads, spec.q_stride, spec.kv_stride,
+                            spec.window_size, spec.rel_pos_rows, spec.widen_in_attention,
+                            settings['mlp_ratio'], rate)
+            for spec, rate in zip(self.block_specs, rates))
+        # The index of each stage's last block: where its level is taken.
+        self.stage_ends = tuple(int(i) - 1 for i in np.cumsum(settings['depths']))
+        for level in self.out_indices:
+            self.add_module(_out_norm_name(level), nn.LayerNorm(settings['embed_dims'][level], eps=NORM_EPS))
+        self.level_channels = tuple(settings['embed_dims'])
+
+        self.apply(init_linear_and_norm)
+        self.freeze_stages()
+
+    # -- the family's part of the base ------------------------------------------------------
+    def _complete_arch(self, settings: dict[str, Any]) -> dict[str, Any]:
+        for key in self.required_arch_keys:
+            value = settings[key]
+            if not (isinstance(value, Sequence) and len(value) == NUM_STAGES
+                    and all(isinstance(v, int) and v > 0 for v in value)):
+                raise ValueError(f'MViTv2: arch {key} must be {NUM_STAGES} positive integers, one per stage; '
+                                 f'got {value!r}')
+            settings[key] = tuple(value)
+        bad = [s for s, (d, h) in enumerate(zip(settings['embed_dims'], settings['num_heads'])) if d % h]
+        if bad:
+            raise ValueError(f'MViTv2: num_heads must divide embed_dims in every stage; stage(s) {bad} of '
+                             f'embed_dims={settings["embed_dims"]}, num_heads={settings["num_heads"]} do not')
+        settings.setdefault('mlp_ratio', 4.)
+        settings.setdefault('dim_mul_in_attention', True)
+        settings.setdefault('drop_path_rate', 0.2)
+        return settings
+
+    @staticmethod
+    def convert_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return convert_mvit_state_dict(checkpoint)
+
+    def frozen_modules(self, num_stages: int) -> list[nn.Module]:
+        """The patch embedding and the blocks of the first ``num_stages`` stages (none for 0)."""
+        if num_stages <= 0:
+            return []
+        return [self.patch_embed, *self.blocks[:self.stage_ends[num_stages - 1] + 1]]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def layer_id(self, name: str) -> int:
+        """0 for the patch embedding, ``i + 1`` for block ``i``; an output norm counts with the
+        last block of its stage, the block it normalises."""
+        if name.startswith('patch_embed.'):
+            return 0
+        if (m := re.match(r'blocks\.(\d+)\.', name)) and int(m[1]) < len(self.blocks):
+            return int(m[1]) + 1
+        if (m := _OUT_NORM_KEY.match(name)) and int(m[1]) - 2 in self.out_indices:
+            return self.stage_ends[int(m[1]) - 2] + 1
+        raise ValueError(f'MViTv2.layer_id: {name!r} is no parameter of the backbone')
+
+    def adapt_tensor(self, name: str, loaded: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
+        """Resizes relative-position tables of another length (a model pre-trained at another
+        size) linearly; refuses anything else."""
+        if name.endswith(('attn.rel_pos_h', 'attn.rel_pos_w')) and loaded.dim() == 2 \
+                and loaded.shape[1] == own.shape[1]:
+            return resize_rel_pos(loaded, own.shape[0])
+        return None
+
+    def adapt_loaded_state_dict(self, state_dict: dict[str, Any], prefix: str = '') -> None:
+        """The base's shape check, and the output norms a checkpoint may lack or have in excess.
+
+        - Output norms of levels outside ``out_indices`` (a detector trained with all four)
+          are skipped, with a log line.
+        - A classification checkpoint (the releases, timm, mmpretrain) has none of the output
+          norms, which detectron2 adds: when every other tensor is there and all of them are
+          absent, they keep their initialisation (unit weight, zero bias), with a warning that
+          says so. Some present and some absent is left to fail as any missing key does.
+        """
+        logger = MMLogger.get_current_instance()
+        unbuilt = tuple(f'{_out_norm_name(level)}.' for level in range(self.num_levels)
+                        if level not in self.out_indices)
+        skipped = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].startswith(unbuilt)]
+        for key in skipped:
+            del state_dict[key]
+        if skipped:
+            print_log(f'{type(self).__name__}: skipped {len(skipped)} checkpoint tensors of output norms '
+                      f'outside out_indices {self.out_indices}', logger)
+        super().adapt_loaded_state_dict(state_dict, prefix)
+        own = self.state_dict()
+        norms = [k for k in own if _OUT_NORM_KEY.match(k)]
+        if any(prefix + k in state_dict for k in norms):
+            return
+        if all(prefix + k in state_dict for k in own if k not in norms):
+            state_dict.update({prefix + k: own[k] for k in norms})
+            print_log(f'{type(self).__name__}: the checkpoint has no output norms (expected of a '
+                      f'classification file): {len(norms)} tensors keep their initialisation',
+                      logger, level=logging.WARNING)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Returns the maps of ``out_indices``: ``(B, out_channels[k], ceil(H / s_k), ceil(W / s_k))``,
+        channels-last in memory (NCHW shape)."""
+        self.check_input(x)
+        x = self.patch_embed(x)
+        recompute = self.with_cp and self.training and torch.is_grad_enabled()
+        levels = {end: level for level, end in enumerate(self.stage_ends) if level in self.out_indices}
+        outs = []
+        for i, block in enumerate(self.blocks[:max(levels) + 1]):
+            x, level_map = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+            if i in levels:
+                norm = getattr(self, _out_norm_name(levels[i]))
+                outs.append(norm(level_map).permute(0, 3, 1, 2))
+        return tuple(outs)
+
+
+# -- checkpoint conversion -------------------------------------------------------------------
+# mmpvt's layout is detectron2's without its ``backbone.bottom_up.`` prefix, which is the
+# official release's plus the output norms: patch_embed.proj, blocks.{i}.{norm1, attn.{qkv,
+# proj, pool_q, norm_q, pool_k, norm_k, pool_v, norm_v, rel_pos_h, rel_pos_w}, norm2,
+# mlp.{fc1, fc2}, proj}, scale{2..5}_norm. Blocks are numbered over the whole network.
+
+# Only MViT pools q, k and v: the mark of its state dicts in every layout.
+_POOLING_KEY = re.compile(r'(^|\.)attn\.pool_[qkv]\.weight$')
+# Classification entries: the final norm (official, timm), mmpretrain's per-scale norms (its
+# norm3 is the classifier's final norm, never an output norm of ours), heads, class token.
+_CLASSIFICATION_KEYS = re.compile(r'^(norm\d?\.|head\.|cls_token$)')
+_TIMM_BLOCK = re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.(.*)$')
+
+
+def unwrap_mvit_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The flat state dict inside a release, training or detector checkpoint.
+
+    Takes the first of ``model_state`` (the official PySlowFast ``.pyth``), ``state_dict``
+    (mmengine), ``model`` (detectron2) and ``module`` that holds a dict, and strips a
+    ``module.`` (DataParallel) prefix.
+    """
+    state = checkpoint
+    for wrapper in ('model_state', 'state_dict', 'model', 'module'):
+        if isinstance(state.get(wrapper), Mapping):
+            state = state[wrapper]
+            break
+    if state and all(k.startswith('module.') for k in state):
+        state = {k[len('module.'):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _backbone_prefix(state: Mapping[str, Any]) -> str:
+    """The prefix of the backbone's keys in a detector or classifier checkpoint ('' for none)."""
+    if any(k.startswith('backbone.bottom_up.') for k in state):  # detectron2: FPN(bottom_up=MViT)
+        return 'backbone.bottom_up.'
+    return 'backbone.' if any(k.startswith('backbone.') for k in state) else ''
+
+
+def detect_mvit_layout(state_dict: Mapping[str, Any]) -> str:
+    """Names the layout of an (unwrapped) MViTv2 state dict.
+
+    'detectron2' (``backbone.bottom_up.*``), 'timm' (``stages.{s}.blocks.{j}``), 'mmpretrain'
+    (``patch_embed.projection``), 'mmpvt' (with output norms ``scale{k}_norm``) or 'official'
+    (``blocks.{i}``, as released), each also under a ``backbone.`` prefix. Raises ValueError
+    for anything else (a PVT, a plain ViT).
+    """
+    prefix = _backbone_prefix(state_dict)
+    keys = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
+    if not any(_POOLING_KEY.search(k) for k in keys):
+        raise ValueError('not an MViTv2 state dict in any known layout (official .pyth, timm mvitv2_*, '
+                         f'detectron2 MViT, mmpretrain MViT, mmpvt); first keys: {list(state_dict)[:5]}')
+    if prefix == 'backbone.bottom_up.':
+        return 'detectron2'
+    if any(_TIMM_BLOCK.match(k) for k in keys):
+        return 'timm'
+    if any(k.startswith('patch_embed.projection.') for k in keys):
+        return 'mmpretrain'
+    if any(_OUT_NORM_KEY.match(k) for k in keys):
+        return 'mmpvt'
+    return 'official'
+
+
+def _renames(state: Mapping[str, Any]) -> dict[str, str | None]:
+    """Each key of an unwrapped MViTv2 state dict -> its mmpvt name, or None if dropped."""
+    layout = detect_mvit_layout(state)
+    prefix = _backbone_prefix(state)
+    first_block = {}
+    if layout == 'timm':  # timm numbers blocks per stage: count each stage's from the keys
+        depths: dict[int, int] = {}
+        for key in state:
+            if m := _TIMM_BLOCK.match(key):
+                depths[int(m[1])] = max(depths.get(int(m[1]), 0), int(m[2]) + 1)
+        first_block = {s: sum(depths.get(t, 0) for t in range(s)) for s in depths}
+    renames: dict[str, str | None] = {}
+    for key in state:
+        if not key.startswith(prefix):  # the detector's neck and heads, the classifier's head
+            renames[key] = None
+            continue
+        new = key[len(prefix):]
+        if _CLASSIFICATION_KEYS.match(new):
+            renames[key] = None
+            continue
+        if layout == 'timm' and (m := _TIMM_BLOCK.match(new)):
+            rest = re.sub(r'^shortcut_proj_(attn|mlp)\.', 'proj.', m[3])
+            new = f'blocks.{first_block[int(m[1])] + int(m[2])}.{rest}'
+        elif layout == 'mmpretrain' and new.startswith('patch_embed.projection.'):
+            new = 'patch_embed.proj.' + new[len('patch_embed.projection.'):]
+        renames[key] = new
+    return renames
+
+
+def mvit_dropped_keys(checkpoint: Mapping[str, Any]) -> list[str]:
+    """The keys of ``checkpoint`` that :func:`convert_mvit_state_dict` leaves out."""
+    return [k for k, new in _renames(unwrap_mvit_checkpoint(checkpoint)).items() if new is None]
+
+
+def convert_mvit_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Converts an MViTv2 checkpoint in any known layout to mmpvt's MViTv2 layout.
+
+    Accepts the official releases (``.pyth``: ``model_state``, blocks numbered over the
+    network), timm's ``mvitv2_*`` (``stages.{s}.blocks.{j}``, ``shortcut_proj_attn`` or
+    ``shortcut_proj_mlp``), detectron2 MViT detectors (``backbone.bottom_up.*``, ``.pth`` or
+    the model zoo's ``.pkl`` numpy pickles once read), mmpretrain ``MViT`` classifiers
+    (``backbone.patch_embed.projection``) and mmpvt's own, also whole mmpvt detectors.
+    Dropped: the final norm, mmpretrain's per-scale norms, heads, the class token and
+    everything outside the backbone; any other key is kept, so that a foreign tensor fails
+    the load instead of vanishing. Pure and idempotent.
+
+    Raises:
+        ValueError: the checkpoint is no MViTv2 state dict in a known layout.
+    """
+    state = unwrap_mvit_checkpoint(checkpoint)
+    out: dict[str, torch.Tensor] = {}
+    for key, new in _renames(state).items():
+        if new is not None:
+            value = state[key]
+            out[new] = torch.as_tensor(value) if isinstance(value, np.ndarray) else value
+    return out
+
+
+# -- variants --------------------------------------------------------------------------------
+# drop_path_rate: detectron2's COCO configs (T 0.2, S 0.2, B 0.4, L 0.5, H 0.6).
+_TSB = dict(embed_dims=(96, 192, 384, 768), num_heads=(1, 2, 4, 8))
+_LARGE = dict(embed_dims=(144, 288, 576, 1152), num_heads=(2, 4, 8, 16), depths=(2, 6, 36, 4),
+              drop_path_rate=0.5)
+MVIT_ARCHS: dict[str, dict[str, Any]] = {
+    'tiny': dict(_TSB, depths=(1, 2, 5, 2), drop_path_rate=0.2),
+    'small': dict(_TSB, depths=(1, 2, 11, 2), drop_path_rate=0.2),
+    'base': dict(_TSB, depths=(2, 3, 16, 3), drop_path_rate=0.4),
+    'large': dict(_LARGE),  # the ImageNet-21k design, which detectron2 implements
+    'large_in1k': dict(_LARGE, dim_mul_in_attention=False),
+    'huge': dict(embed_dims=(192, 384, 768, 1536), num_heads=(3, 6, 12, 24), depths=(4, 8, 60, 8),
+                 drop_path_rate=0.6),
+}
+
+MViTv2.arch_zoo = MVIT_ARCHS
