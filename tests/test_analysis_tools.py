@@ -25,7 +25,8 @@ from tooling import run_tool as run
 
 CONFIG = DEMO_CONFIGS['retinanet']
 WIDE_NECK = [64, 128, 320, 512]  # the FPN inputs of PVTv2-b1 and PVT-tiny (b0: 32, 64, 160, 256)
-HEAD = 'bbox_head.retina_cls.weight'  # (anchors x classes, 256, 3, 3): 9 x 3 in the demo, 9 x 80 for COCO
+WIDTH = load_config(CONFIG).model.bbox_head.feat_channels  # the demo's head: 128
+HEAD = 'bbox_head.retina_cls.weight'  # (anchors x classes, width, 3, 3): 9 x 3 in the demo, 9 x 80 for COCO
 
 
 @pytest.fixture(scope='module')
@@ -93,7 +94,7 @@ def test_wrong_head_without_neck_is_refused_naming_key_and_shapes(checkpoints):
     model = fresh_model()
     before = {key: value.clone() for key, value in model.state_dict().items()}
     with pytest.raises(LaunchError, match=re.escape(
-            f'{HEAD} has shape (720, 256, 3, 3) in the checkpoint and (27, 256, 3, 3) in the model; '
+            f'{HEAD} has shape (720, {WIDTH}, 3, 3) in the checkpoint and (27, {WIDTH}, 3, 3) in the model; '
             '1 more differ: bbox_head.retina_cls.bias')):
         load_model_checkpoint(model, checkpoints['no_neck_coco_head'], missing_keys='warn')
     # Refused before anything loaded: not even the backbone, whose tensors fit.
@@ -154,7 +155,7 @@ def test_tools_refuse_or_warn_in_one_line(checkpoints, tmp_path):
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     assert 'Traceback' not in out.stderr
     error = out.stderr.strip().splitlines()[-1]
-    assert error.startswith('error: ') and f'{HEAD} has shape (720, 256, 3, 3) in the checkpoint' in error
+    assert error.startswith('error: ') and f'{HEAD} has shape (720, {WIDTH}, 3, 3) in the checkpoint' in error
 
     out = run([TOOLS / 'analysis' / 'benchmark.py', CONFIG, checkpoints['no_neck'], '--shape', 64, 64,
                '--iters', 1, '--warmup', 0], tmp_path)

@@ -199,8 +199,11 @@ def test_checkpoint_of_another_head_is_refused_naming_key_and_shapes(untrained_c
     cfg = load_config(DEMO_CONFIGS['retinanet'], {'model.bbox_head.num_classes': 5})
     with pytest.raises(LaunchError) as info:
         ImagePredictor(cfg, untrained_checkpoint)
-    assert (f'{untrained_checkpoint} does not fit the RetinaNet of this config: bbox_head.retina_cls.weight '
-            'has shape (27, 256, 3, 3) in the checkpoint and (45, 256, 3, 3) in the model') in str(info.value)
+    width = cfg.model.bbox_head.feat_channels  # the demo's head: 128
+    expected = (f'{untrained_checkpoint} does not fit the RetinaNet of this config: '
+                f'bbox_head.retina_cls.weight has shape (27, {width}, 3, 3) in the checkpoint and '
+                f'(45, {width}, 3, 3) in the model')
+    assert expected in str(info.value)
 
 
 def test_checkpoint_lacking_tensors_is_refused(untrained_checkpoint, tmp_path):
