@@ -2,7 +2,7 @@
 # The model is ../retinanet_pvt_v2_b0.py but for the number of classes, the backbone's
 # pretrained weights (none: nothing is downloaded) and the width of the FPN and the head: 128
 # channels instead of 256. The head's convolutions were most of a step; at 128 a step takes
-# half the time (0.36-0.44 s against 0.63-0.88 s, measured in one session), so the demo stays
+# half the time (0.36-0.44 s against 0.63-0.88 s, on one machine within an hour), so the demo stays
 # within minutes on two cores. Data and schedule differ too.
 # Data: python -m mmpvt.datasets.synthetic data/synthetic --num-train 1000 --num-val 100 --size 128
 # Train: python tools/train.py configs/demo/retinanet_pvt_v2_b0_synthetic.py --amp (tools/demo.sh)
