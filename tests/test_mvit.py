@@ -9,7 +9,6 @@ independent of mmpvt's converter.
 import functools
 import importlib.util
 import itertools
-import logging
 import math
 import pickle
 import re
@@ -20,7 +19,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from mmengine.logging import MMLogger
 from mmengine.registry import DefaultScope
 from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 from torch import nn
@@ -71,18 +69,6 @@ def relative_diff(out, ref):
 def unit_norm_nchw(x):
     """A LayerNorm with unit weight and zero bias (eps 1e-6) over the channels of a map."""
     return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], eps=1e-6).permute(0, 3, 1, 2)
-
-
-@pytest.fixture
-def log_lines():
-    """Messages mmpvt logs through mmengine's current logger during the test."""
-    logger = MMLogger.get_current_instance()
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 # -- variants and stage rules -----------------------------------------------------------------

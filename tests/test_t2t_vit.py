@@ -10,7 +10,6 @@ code that writes them, never mmpvt's converter run backwards.
 """
 import argparse
 import importlib.util
-import logging
 import math
 import re
 import subprocess
@@ -21,7 +20,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from mmengine.logging import MMLogger
 from mmengine.registry import DefaultScope
 from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 from torch import nn
@@ -45,18 +43,6 @@ def small(tokens='performer', **kwargs):
 
 def relative_diff(out, ref):
     return float((out - ref).abs().max() / ref.abs().max())
-
-
-@pytest.fixture
-def log_lines():
-    """Messages mmpvt logs through mmengine's current logger during the test."""
-    logger = MMLogger.get_current_instance()
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 # -- an independent reference of the authors' model ---------------------------------------------

@@ -9,7 +9,6 @@ writers independent of mmpvt's converter.
 """
 import argparse
 import importlib.util
-import logging
 import os
 import pickle
 import subprocess
@@ -20,7 +19,6 @@ import timm
 import timm.models.vision_transformer_sam as timm_sam
 import torch
 import torch.nn.functional as F
-from mmengine.logging import MMLogger
 from mmengine.registry import DefaultScope
 from torch import nn
 
@@ -55,18 +53,6 @@ def randomised(model):
 
 def relative_diff(out, ref):
     return float((out - ref).abs().max() / ref.abs().max())
-
-
-@pytest.fixture
-def log_lines():
-    """Messages mmpvt logs through mmengine's current logger during the test."""
-    logger = MMLogger.get_current_instance()
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 # -- shared layers ----------------------------------------------------------------------------
