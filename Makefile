@@ -6,8 +6,10 @@ PY := .venv/bin/python
 setup:
 	@bash tools/setup_env.sh
 
+# One pytest worker per core (most tests start processes or run one-thread work); the
+# workers steal queued tests from each other so that the long ones do not end up in one queue.
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist worksteal
 
 lint: setup
 	.venv/bin/ruff check .

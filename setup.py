@@ -42,7 +42,7 @@ setup(
         'det': ['mmdet>=3.0.0,<3.4.0'],
         'seg': ['mmsegmentation>=1.0.0,<1.3.0', 'ftfy', 'regex'],
         'all': ['mmdet>=3.0.0,<3.4.0', 'mmsegmentation>=1.0.0,<1.3.0', 'ftfy', 'regex', 'matplotlib'],
-        'tests': ['pytest>=8', 'ruff>=0.6'],
+        'tests': ['pytest>=8', 'pytest-xdist>=3.5', 'ruff>=0.6'],
     },
     ext_modules=[DWCONV_GELU],
     zip_safe=False,

@@ -9,6 +9,12 @@ from mmengine.logging import MMLogger
 # Tests run offline: nothing may reach a model hub.
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
+# Under `pytest -n N` (make test) N workers share the cores: each takes its share of torch's
+# threads, so that two workers on two cores do not spin four threads between them.
+_WORKERS = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // _WORKERS))
+
 
 @pytest.fixture(autouse=True)
 def _seed():

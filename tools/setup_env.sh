@@ -61,7 +61,7 @@ import importlib.metadata as m, sys
 want = {'mmengine': '0.10.7', 'mmdet': '3.3.0', 'mmsegmentation': '1.2.2'}
 sys.exit(any(m.version(k) != v for k, v in want.items())
          or not 77 <= int(m.version('setuptools').split('.')[0]) < 81)
-import timm, ftfy, regex, pycocotools, pytest, matplotlib, pkg_resources" 2>/dev/null; then
+import timm, ftfy, regex, pycocotools, pytest, xdist, matplotlib, pkg_resources" 2>/dev/null; then
   step "$CURRENT"
   "${PIP[@]}" install -q -r "$ROOT/requirements.txt"
 fi
