@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mmpvt.apis import LaunchError, format_metrics, load_config
-from mmpvt.apis.analysis import build_model, load_model_checkpoint
+from mmpvt.apis.analysis import build_model, check_checkpoint_fits, load_model_checkpoint
 from mmpvt.datasets.synthetic import generate
 
 from tooling import DEMO_CONFIGS, TOOLS
@@ -162,6 +162,29 @@ def test_tools_refuse_or_warn_in_one_line(checkpoints, tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert 'RetinaNet: missing keys: neck.lateral_convs.0.conv.weight, ' in out.stdout + out.stderr
     assert 'images/s:' in out.stdout
+
+
+# -- tools/test.py with a checkpoint of another model ---------------------------------------------
+def test_checkpoint_fit_is_checked_without_loading(checkpoints):
+    """What tools/test.py asks before mmengine's runner loads (and only logs) the checkpoint."""
+    model = fresh_model()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(LaunchError, match='lacks 16 of the .* tensors of the RetinaNet of this config'):
+        check_checkpoint_fits(model, checkpoints['no_neck'])
+    check_checkpoint_fits(model, checkpoints['whole'])
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_test_tool_refuses_a_checkpoint_of_another_model(checkpoints, tmp_path):
+    """mmengine would log the head's shape mismatch and print the metrics of a random head."""
+    generate(tmp_path / 'data' / 'synthetic', num_train=1, num_val=2, seed=0, size=128)
+    out = run([TOOLS / 'test.py', CONFIG, checkpoints['no_neck_coco_head'], '--work-dir', tmp_path / 'work'],
+              tmp_path)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    assert 'Traceback' not in out.stderr and '| metric | value |' not in out.stdout
+    error = out.stderr.strip().splitlines()[-1]
+    assert error.startswith('error: ') and f'{HEAD} has shape (720, {WIDTH}, 3, 3) in the checkpoint' in error
 
 
 # -- tools/test.py without metrics ----------------------------------------------------------------

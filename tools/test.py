@@ -14,6 +14,7 @@ import sys
 from mmengine.runner import Runner
 
 from mmpvt import apis
+from mmpvt.apis.analysis import check_checkpoint_fits
 
 
 def parse_args() -> argparse.Namespace:
@@ -41,6 +42,9 @@ def main() -> None:
     apis.setup_distributed(cfg, args.launcher)
     with apis.explain_data_errors(cfg, ('test',)):
         runner = Runner.from_cfg(cfg)
+        _ = runner.test_loop  # builds the dataset: a broken annotation file is named before the checkpoint
+        # mmengine's loader would only log tensors the checkpoint lacks and test random ones.
+        check_checkpoint_fits(runner.model, cfg.load_from)
         metrics = runner.test()
     if apis.is_main_process():  # no metrics at all is an error, naming the evaluator
         print(apis.format_metrics(metrics, evaluator=runner.test_loop.evaluator), flush=True)

@@ -37,6 +37,59 @@ def _model_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     return dict(state)
 
 
+def _fitting_state(model: nn.Module, checkpoint: str | os.PathLike
+                   ) -> tuple[Any, dict[str, Any], list[str], list[str]]:
+    """The checkpoint's whole-model state dict fitted to ``model``, with the missing and the
+    unexpected keys; raises LaunchError for an unreadable file or a tensor of another shape."""
+    from ..checkpoint import CheckpointError, load_checkpoint_file
+
+    path = check_file(checkpoint, 'checkpoint')
+    name = type(model).__name__
+    try:
+        state = _model_state_dict(load_checkpoint_file(path))
+        for prefix, module in model.named_modules():
+            if hasattr(module, 'adapt_loaded_state_dict'):
+                module.adapt_loaded_state_dict(state, f'{prefix}.' if prefix else '')
+    except CheckpointError as exc:  # unreadable, unsafe, or refused by a backbone
+        raise LaunchError(f'{path}: {exc}' if str(path) not in str(exc) else str(exc)) from exc
+    own = model.state_dict()
+    mismatched = [key for key, value in own.items()
+                  if key in state and getattr(state[key], 'shape', None) != value.shape]
+    if mismatched:
+        key = mismatched[0]
+        others = f'; {len(mismatched) - 1} more differ: {_listed(mismatched[1:])}' if mismatched[1:] else ''
+        raise LaunchError(
+            f'{path} does not fit the {name} of this config: {key} has shape '
+            f'{tuple(getattr(state[key], "shape", ()))} in the checkpoint and {tuple(own[key].shape)} '
+            f'in the model{others} (a checkpoint of another config or number of classes?)')
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    return path, state, missing, unexpected
+
+
+def _missing_keys_error(path: Any, missing: Sequence[str], model: nn.Module) -> LaunchError:
+    return LaunchError(
+        f'{path} lacks {len(missing)} of the {len(model.state_dict())} tensors of the '
+        f'{type(model).__name__} of this config ({_listed(missing)}); they would stay random '
+        '(a checkpoint of another config?)')
+
+
+def check_checkpoint_fits(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Raises LaunchError unless ``checkpoint`` holds every tensor of ``model``, each of its shape.
+
+    What tools/test.py asks before mmengine's runner loads the checkpoint: mmengine's loader
+    logs missing tensors and tensors of another shape, then evaluates the model with those
+    tensors left random, which prints a metrics table of a model nobody trained. Nothing is
+    loaded into ``model``; the messages are :func:`load_model_checkpoint`'s.
+    """
+    from mmengine.model import is_model_wrapper
+
+    model = model.module if is_model_wrapper(model) else model
+    path, _, missing, _ = _fitting_state(model, checkpoint)
+    if missing:
+        raise _missing_keys_error(path, missing, model)
+
+
 def load_model_checkpoint(model: nn.Module, checkpoint: str | os.PathLike,
                           missing_keys: str = 'error') -> dict[str, list[str]]:
     """Loads a whole-model checkpoint into ``model`` for an analysis tool, refusing wrong ones.
@@ -59,31 +112,10 @@ def load_model_checkpoint(model: nn.Module, checkpoint: str | os.PathLike,
     """
     from mmengine.logging import MMLogger, print_log
 
-    from ..checkpoint import CheckpointError, load_checkpoint_file
-
     if missing_keys not in ('error', 'warn'):
         raise ValueError(f"missing_keys must be 'error' or 'warn', got {missing_keys!r}")
-    path = check_file(checkpoint, 'checkpoint')
+    path, state, missing, unexpected = _fitting_state(model, checkpoint)
     name = type(model).__name__
-    try:
-        state = _model_state_dict(load_checkpoint_file(path))
-        for prefix, module in model.named_modules():
-            if hasattr(module, 'adapt_loaded_state_dict'):
-                module.adapt_loaded_state_dict(state, f'{prefix}.' if prefix else '')
-    except CheckpointError as exc:  # unreadable, unsafe, or refused by a backbone
-        raise LaunchError(f'{path}: {exc}' if str(path) not in str(exc) else str(exc)) from exc
-    own = model.state_dict()
-    mismatched = [key for key, value in own.items()
-                  if key in state and getattr(state[key], 'shape', None) != value.shape]
-    if mismatched:
-        key = mismatched[0]
-        others = f'; {len(mismatched) - 1} more differ: {_listed(mismatched[1:])}' if mismatched[1:] else ''
-        raise LaunchError(
-            f'{path} does not fit the {name} of this config: {key} has shape '
-            f'{tuple(getattr(state[key], "shape", ()))} in the checkpoint and {tuple(own[key].shape)} '
-            f'in the model{others} (a checkpoint of another config or number of classes?)')
-    missing = [key for key in own if key not in state]
-    unexpected = [key for key in state if key not in own]
     logger = MMLogger.get_current_instance()
     print_log(f'{name}: loaded {len(state) - len(unexpected)} tensors from {path}', logger)
     print_log(f'{name}: missing keys: {", ".join(missing) if missing else "none"}', logger,
@@ -91,9 +123,7 @@ def load_model_checkpoint(model: nn.Module, checkpoint: str | os.PathLike,
     print_log(f'{name}: unexpected keys: {", ".join(unexpected) if unexpected else "none"}', logger,
               level=logging.WARNING if unexpected else logging.INFO)
     if missing and missing_keys == 'error':
-        raise LaunchError(
-            f'{path} lacks {len(missing)} of the {len(own)} tensors of the {name} of this config '
-            f'({_listed(missing)}); they would stay random (a checkpoint of another config?)')
+        raise _missing_keys_error(path, missing, model)
     model.load_state_dict(state, strict=False)
     return {'missing': missing, 'unexpected': unexpected}
 
