@@ -112,7 +112,7 @@ def test_every_planned_harness_run_is_one_the_harness_accepts(harness, monkeypat
     benchmarks = [step for step in device_check.plan() if step.benchmark]
     parsed = {step.name: harness.parse_args(list(step.args[1:])) for step in benchmarks}
     assert all(step.args[0] == device_check.HARNESS for step in benchmarks)
-    assert all(args.device == 'cuda' and args.impls == ['mmpvt', 'mmdet', 'timm'] for args in parsed.values())
+    assert all(args.device == 'cuda' and args.impls == list(harness.BUILDERS) for args in parsed.values())
     b2, train, with_cp = (parsed[name] for name in ('PVTv2-b2 inference', 'PVTv2-b2 training step',
                                                     'PVTv2-b2 training step, with_cp'))
     assert (b2.arch, b2.shape, b2.dtype, b2.mode) == ('b2', [[1, 3, 800, 1344]], ['fp32', 'fp16'], 'infer')

@@ -4,6 +4,8 @@ No test here times anything: timings on a shared machine are noise. The harness
 (tools/analysis/benchmark_backbone.py) measures ratios in one run; docs/benchmarks.md
 holds its results.
 """
+import functools
+import importlib.util
 import subprocess
 from pathlib import Path
 
@@ -14,10 +16,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmpvt import PVT, PVTv2
 from mmpvt.models.layers import nchw_to_nlc, nlc_to_nchw
+from mmpvt.models.mvit import MViTv2, convert_mvit_state_dict, detect_mvit_layout
 from mmpvt.models.pvt import Mlp
+from mmpvt.models.t2t_vit import T2T_ARCHS, T2TViT, convert_t2t_state_dict
 from mmpvt.ops import dwconv_gelu
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def load_harness():
+    """The benchmark harness as a module (it is a script, not part of the package)."""
+    path = ROOT_DIR / 'tools' / 'analysis' / 'benchmark_backbone.py'
+    spec = importlib.util.spec_from_file_location('benchmark_harness', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 TINY = dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 1, 1), num_heads=(1, 2, 3, 4),
             mlp_ratios=(2, 2, 2, 2), sr_ratios=(8, 4, 2, 1))
 
@@ -170,18 +184,218 @@ def test_benchmark_peer_of_vitdet_has_the_same_blocks(arch):
     """The harness' timm peer runs the same column: equal parameters but for the position
     embedding (timm's SAM keeps a 64x64 grid, ViTDet the 14x14 pre-training one and a class row)
     and no parameter in either outside the column."""
-    import importlib.util
-    path = ROOT_DIR / 'tools' / 'analysis' / 'benchmark_backbone.py'
-    spec = importlib.util.spec_from_file_location('harness', path)
-    harness = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(harness)
     with torch.device('meta'):
-        ours, peer = harness.build_mmpvt(arch, False), harness.build_timm(arch, False).model
+        ours, peer = load_harness().build_mmpvt(arch, False), load_harness().build_timm(arch, False).model
 
     def shapes(model: nn.Module) -> dict[str, tuple]:
         return {name: tuple(p.shape) for name, p in model.named_parameters() if name != 'pos_embed'}
     assert sorted(shapes(ours).values()) == sorted(shapes(peer).values())
     assert not any(name.startswith(('scale_x', 'neck', 'head')) for name in [*shapes(ours), *shapes(peer)])
+
+
+# -- T2T-ViT against the authors' modules (tools/analysis/peers/t2t_official.py) --------------
+T2T_SMALL = dict(embed_dims=64, depth=2, num_heads=2, mlp_ratio=2., token_dims=16)
+
+
+
+def randomise_t2t_peer(peer: nn.Module, seed: int = 0) -> None:
+    """Weights that keep every nonlinearity in its curved range (the authors' initialisation,
+    std 0.02, leaves attention near uniform and would hide a wrong scale or split): unit-gain
+    linears, the performers' keys and queries at gain 0.3 (squared norms ~6, where the random
+    features neither vanish nor explode), LayerNorms and biases off their identity values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, module in peer.named_modules():
+            if isinstance(module, nn.Linear):
+                gain = .3 if name.endswith('kqv') else 1.
+                module.weight.copy_(torch.randn(module.weight.shape, generator=gen)
+                                    * gain / module.in_features ** .5)
+                if module.bias is not None:
+                    module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * .1)
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.copy_(1 + torch.randn(module.weight.shape, generator=gen) * .1)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * .1)
+        peer.cls_token.copy_(torch.randn(peer.cls_token.shape, generator=gen) * .5)
+
+
+@pytest.mark.parametrize('tokens', ['performer', 'transformer'])
+def test_t2t_official_peer_computes_the_function_mmpvt_computes(tokens):
+    """The harness' peer is the same model: its weights (performer features included), as a
+    release file holds them, load into mmpvt's T2TViT with nothing missing or unexpected and
+    give the same stride-16 map at a non-square size, where both resize the position table."""
+    peer_cls = load_harness().load_peer('t2t_official').T2TViTOfficial
+    torch.manual_seed(0)
+    peer = peer_cls(img_size=64, tokens_type=tokens, embed_dim=T2T_SMALL['embed_dims'],
+                    depth=T2T_SMALL['depth'], num_heads=T2T_SMALL['num_heads'],
+                    mlp_ratio=T2T_SMALL['mlp_ratio'], token_dim=T2T_SMALL['token_dims']).eval()
+    randomise_t2t_peer(peer)
+    ours = T2TViT(arch=dict(T2T_SMALL, tokens_type=tokens), img_size=64, out_indices=(2,),
+                  drop_path_rate=0.).eval()
+    result = ours.load_state_dict(convert_t2t_state_dict({'state_dict_ema': peer.state_dict()}))
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(1, 3, 96, 128)  # a 6x8 grid: the 4x4 table resized
+    with torch.no_grad():
+        (theirs,), (mine,) = peer(x), ours(x)
+    assert theirs.shape == mine.shape == (1, T2T_SMALL['embed_dims'], 6, 8)
+    assert float((mine - theirs).abs().max() / theirs.abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize('arch', list(T2T_ARCHS))
+def test_t2t_benchmark_rows_have_the_same_tensors(arch):
+    """The harness' two T2T rows of every variant: the peer's state dict, converted, is exactly
+    mmpvt's (names and shapes; no pyramid layers in mmpvt's row)."""
+    harness = load_harness()
+    with torch.device('meta'):
+        ours, peer = harness.build_mmpvt(f't2t_{arch}', False), harness.build_official(f't2t_{arch}', False)
+    converted = convert_t2t_state_dict(peer.state_dict())
+    assert {k: tuple(v.shape) for k, v in converted.items()} == \
+        {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert harness.build_official(f't2t_{arch}', True) is None  # the authors have no checkpointing
+
+
+@pytest.mark.parametrize('argv,title,names', [
+    (['--arch', 't2t_7'], 't2t_7,', ['mmpvt', 'official']),
+    (['--arch', 'mvit_tiny', '--mvit-layout', 'classification'], 'mvit_tiny (classification layout)',
+     ['mmpvt', 'timm', 'detectron2-style']),
+], ids=['t2t', 'mvit'])
+def test_benchmark_harness_times_the_families_against_their_peers(argv, title, names):
+    """In-process, as the script's main() runs it: the table has a row per peer, each timed."""
+    harness = load_harness()
+    table = harness.run(harness.parse_args([*argv, '--shape', '1', '3', '64', '64', '--repeat', '1',
+                                            '--warmup', '0']))
+    assert table.startswith(title)
+    rows = [line for line in table.splitlines() if line.startswith('| ') and 'implementation' not in line]
+    assert [row.split('|')[1].strip() for row in rows] == names
+    assert all(float(row.split('|')[2]) > 0 and float(row.split('|')[4]) > 0 for row in rows)
+
+
+def test_flop_count_prices_the_cpu_attention_kernel():
+    """The harness' GFLOP/s: torch's counter knows CUDA's fused attention only; the CPU kernel's
+    products must count as the unfused path's do (q @ k^T and attn @ v)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmpvt.models import ViTDet
+    harness = load_harness()
+    model = ViTDet(arch=dict(embed_dims=32, depth=2, num_heads=2), out_indices=(2,), window_size=0)
+    x = torch.randn(1, 3, 64, 64)
+    fused = harness.count_flops(model, x, 'infer', False)
+    with sdpa_kernel(SDPBackend.MATH):
+        unfused = harness.count_flops(model, x, 'infer', False)
+    with FlopCounterMode(display=False) as plain, torch.no_grad():  # without the harness' formula
+        model.eval()(x)
+    assert fused == unfused > plain.get_total_flops()
+
+
+# -- MViTv2 against detectron2-style blocks (tools/analysis/peers/mvit_detectron2.py) and timm --
+# Every stage rule applies (q strides, kv strides 4/2/1/1, window halving, global blocks with
+# doubled kv stride) on 16-channel heads.
+MVIT_SMALL = dict(embed_dims=(16, 32, 64, 128), depths=(1, 2, 3, 2), num_heads=(1, 2, 4, 8))
+
+
+
+@pytest.mark.parametrize('window_size,kv_x2', [(16, True), (0, False)], ids=['detection', 'classification'])
+def test_mvit_detectron2_style_peer_computes_the_function_mmpvt_computes(window_size, kv_x2):
+    """The harness' detectron2-style peer is the same model, in both layouts the harness runs:
+    its state dict, as a detectron2 detector holds it (``backbone.bottom_up.``), loads into
+    mmpvt's MViTv2 with nothing missing or unexpected, and the four maps agree at a non-square
+    size where every window grid is zero-padded (stage 1: 25x34 tokens in 16-token windows)."""
+    peer_cls = load_harness().load_peer('mvit_detectron2').MViTDetectron2Style
+    torch.manual_seed(0)
+    peer = peer_cls(dict(MVIT_SMALL), window_size=window_size, global_kv_stride_x2=kv_x2).eval()
+    with torch.no_grad():  # far from uniform attention, so that relative positions matter
+        for name, p in peer.named_parameters():
+            is_norm_weight = p.dim() == 1 and 'norm' in name and name.endswith('weight')
+            p.normal_(1. if is_norm_weight else 0., .2)
+    detector = {'model': {f'backbone.bottom_up.{k}': v for k, v in peer.state_dict().items()}}
+    assert detect_mvit_layout(detector['model']) == 'detectron2'
+    ours = MViTv2(arch=dict(MVIT_SMALL), window_size=window_size, global_kv_stride_x2=kv_x2,
+                  drop_path_rate=0.).eval()
+    result = ours.load_state_dict(convert_mvit_state_dict(detector))
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(1, 3, 100, 136)
+    with torch.no_grad():
+        theirs, mine = peer(x), ours(x)
+    sides = [(25, 34), (13, 17), (7, 9), (4, 5)]
+    assert [tuple(t.shape) for t in theirs] == [tuple(m.shape) for m in mine] == \
+        [(1, c, *s) for c, s in zip(MVIT_SMALL['embed_dims'], sides)]
+    for level, (t, m) in enumerate(zip(theirs, mine)):
+        assert float((m - t).abs().max() / t.abs().max()) <= 1e-4, level
+
+
+@pytest.mark.parametrize('variant,timm_name', [('tiny', 'mvitv2_tiny'), ('large_in1k', 'mvitv2_large')])
+def test_mvit_benchmark_rows_hold_the_same_tensors_and_only_where_they_can_run(variant, timm_name):
+    """timm's row is timm's registered model with features_only and has mmpvt's tensors but for
+    mmpvt's four output norms (detectron2's, absent from classification models); the
+    detectron2-style row's tensors are mmpvt's, names included. timm's row exists only in the
+    classification layout at one square size that is a multiple of 32, the detectron2-style row
+    only for designs detectron2 has (not large_in1k's widening MLPs)."""
+    import timm
+    harness, arch = load_harness(), f'mvit_{variant}'
+    with torch.device('meta'):
+        ours = harness.build_mmpvt(arch, False, classification=True)
+        peer = harness.build_timm(arch, True, classification=True, sizes=((224, 224),))
+        registered = timm.create_model(timm_name, features_only=True)
+        d2_style = harness.build_detectron2_style(arch, False)
+
+    def shapes(model: nn.Module) -> list[tuple[int, ...]]:
+        return sorted(tuple(p.shape) for p in model.parameters())
+    out_norms = {n for n, _ in ours.named_parameters() if n.startswith('scale') and '_norm.' in n}
+    assert len(out_norms) == 8
+    assert shapes(peer) == shapes(registered)
+    assert shapes(peer) == sorted(tuple(p.shape) for n, p in ours.named_parameters() if n not in out_norms)
+    assert all(stage.grad_checkpointing for stage in peer.model.stages)  # with_cp reaches timm's stages
+    if variant == 'large_in1k':
+        assert d2_style is None
+    else:
+        with torch.device('meta'):
+            detection = harness.build_mmpvt(arch, False)
+        assert {k: tuple(v.shape) for k, v in d2_style.state_dict().items()} == \
+            {k: tuple(v.shape) for k, v in detection.state_dict().items()}
+    for layout, sizes in ((False, ((224, 224),)), (True, ((800, 1344),)), (True, ((200, 200),)),
+                          (True, ((224, 224), (256, 256)))):
+        assert harness.build_timm(arch, False, classification=layout, sizes=sizes) is None, (layout, sizes)
+
+
+class OpNames(TorchDispatchMode):
+    """The names of the ATen operators a region dispatches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('q_shape,kv_shape,mask_shape', [
+    ((2, 3, 50, 16), (2, 3, 12, 16), (2, 3, 50, 12)),  # pooled keys (MViTv2), a mask per head
+    ((4, 49, 8), (4, 49, 8), (49, 49)),  # a mask broadcast over the batch
+], ids=['pooled', 'broadcast'])
+def test_masked_attention_trains_as_the_fused_kernel_does(q_shape, kv_shape, mask_shape):
+    """The written-out CPU training path gives the fused kernel's values and gradients; only
+    a step that needs gradients takes it."""
+    from torch.nn import functional as F
+
+    from mmpvt.models.layers import masked_attention
+    tensors = [torch.randn(shape, dtype=torch.float64, requires_grad=True)
+               for shape in (q_shape, kv_shape, kv_shape, mask_shape)]
+    ops = OpNames()
+    with ops:
+        out = masked_attention(*tensors)
+    assert 'baddbmm' in ops.names and not any('scaled_dot_product' in name for name in ops.names)
+    grads = torch.autograd.grad((out * out).sum(), tensors)
+    ref = F.scaled_dot_product_attention(*tensors[:3], attn_mask=tensors[3])
+    ref_grads = torch.autograd.grad((ref * ref).sum(), tensors)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+    ops = OpNames()
+    with ops, torch.no_grad():
+        torch.testing.assert_close(masked_attention(*tensors), ref.detach(), rtol=1e-10, atol=1e-12)
+    assert 'baddbmm' not in ops.names
 
 
 @pytest.mark.parametrize('hw', [(1, 1), (1, 5), (4, 1), (7, 9), (16, 16)])

@@ -35,6 +35,7 @@ from .layers import (
     Mlp,
     decomposed_rel_pos,
     init_linear_and_norm,
+    masked_attention,
     resize_rel_pos,
     window_partition,
     window_unpartition,
@@ -176,7 +177,7 @@ class PoolingAttention(nn.Module):
         # (batch or windows, heads, tokens, head_dims), views of the maps
         q, k, v = (t.reshape(t.shape[0], -1, heads, dims // heads).transpose(1, 2) for t in (q, k, v))
         mask = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, q_hw, kv_hw)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = masked_attention(q, k, v, mask)
         out = out.transpose(1, 2).reshape(out.shape[0], q_hw[0], q_hw[1], dims)
         if self.window_size:
             out = window_unpartition(out, q_win, padded_hw, pooled_q.shape[1:3])

@@ -2,6 +2,8 @@
 
     python tools/analysis/benchmark_backbone.py --arch b2 --shape 1 3 800 1344 --dtype bf16
     python tools/analysis/benchmark_backbone.py --arch vitdet_base --shape 1 3 1024 1024 --dtype fp32 bf16
+    python tools/analysis/benchmark_backbone.py --arch t2t_14 --shape 1 3 224 224
+    python tools/analysis/benchmark_backbone.py --arch mvit_tiny --shape 1 3 800 1344 --dtype fp32 bf16
     python tools/analysis/benchmark_backbone.py --arch b2 --shape 2 3 512 512 --mode train --memory
     python tools/analysis/benchmark_backbone.py --arch b2 --shape 1 3 800 1333 --detector
     python tools/analysis/benchmark_backbone.py --arch b2 --shape 2 3 512 512 --mode train \
@@ -14,7 +16,20 @@ for the same dtype (measured in the same run), and, with ``--memory``, the peak 
 one step measured in a fresh process per implementation. Weights are random: speed does
 not depend on them. ``vitdet_<variant>`` archs time ViTDet's column (the stride-16 map: the
 pyramid's deconvolutions are not built) against timm's ``VisionTransformerSAM`` with the same
-settings (``samvit_base_patch16`` for base) and its neck left out. ``--detector`` times a
+settings (``samvit_base_patch16`` for base) and its neck left out. ``t2t_<variant>`` archs
+time T2T-ViT's column (the stride-16 map, the position table made for 224 and resized to the
+input's grid) against ``official``: the authors' modules written plainly in
+``peers/t2t_official.py`` (explicit attention matrices; the transformer-token variants' first
+token layer forms an (H/4 * W/4)^2 one, 18 GB in fp32 at 800x1344). ``mvit_<variant>`` archs
+time MViTv2's four maps against ``detectron2-style``, detectron2's windowed blocks written
+plainly in ``peers/mvit_detectron2.py`` (explicit attention matrices, the same block plan),
+and, with ``--mvit-layout classification`` (windows off, no doubled kv stride in the global
+blocks: the classification model's arithmetic, which all rows then compute), against timm's
+``MultiScaleVit`` as ``features_only`` (``mvitv2_tiny``'s settings for tiny). timm's model
+is built for one input size (its relative-position tables are sized from it and never
+resized), so its row is built with ``img_size`` equal to the input's and only for what it can
+run: one square size, a multiple of 32, in the classification layout; otherwise, and for
+several input sizes in one run, it is left out. ``--detector`` times a
 whole RetinaNet (mmdet's PVTv2-b2 config) with mmpvt's backbone against the same detector with
 mmdet's built-in one. ``--op-times`` adds
 each implementation's time per operator, ``--keep-freed-memory`` runs all of them with glibc
@@ -32,22 +47,34 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from mmpvt.apis.quiet import quiet_third_party_warnings
+from mmpvt.models.mvit import MVIT_ARCHS
 from mmpvt.models.pvt import PVT_ARCHS, PVTV2_ARCHS
+from mmpvt.models.t2t_vit import T2T_ARCHS
 from mmpvt.models.vitdet import VITDET_ARCHS
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 V1_NAMES = {'tiny': 't', 'small': 's', 'medium': 'm', 'large': 'l'}
 VITDET = 'vitdet_'  # --arch vitdet_base: ViTDet's variants, prefixed
 ARCHS = [*PVT_ARCHS, *PVTV2_ARCHS, *(VITDET + name for name in VITDET_ARCHS)]
+T2T = 't2t_'  # --arch t2t_14: T2T-ViT's variants, prefixed
+ARCHS += [T2T + name for name in T2T_ARCHS]
+T2T_IMG_SIZE = 224  # both T2T rows' position tables: the pre-training grid, resized to the input's
+MVIT = 'mvit_'  # --arch mvit_tiny: MViTv2's variants, prefixed
+ARCHS += [MVIT + name for name in MVIT_ARCHS]
+MVIT_LAYOUTS = ('detection', 'classification')
+# The rows that run MViTv2: their builders also take the layout and the input sizes.
+MVIT_ROWS = ('mmpvt', 'timm', 'detectron2-style')
 
 
 class FirstOutput(torch.nn.Module):
@@ -62,15 +89,43 @@ class FirstOutput(torch.nn.Module):
 
 
 # -- the implementations -----------------------------------------------------------------------
-def build_mmpvt(arch: str, with_cp: bool) -> torch.nn.Module:
-    from mmpvt.models import PVT, PVTv2, ViTDet
+def mvit_layout(classification: bool) -> dict[str, Any]:
+    """MViTv2's (and the detectron2-style peer's) settings for a layout: detectron2's windows
+    and doubled kv strides by default; none of either in the classification model."""
+    return dict(window_size=0, global_kv_stride_x2=False) if classification else {}
+
+
+def mvit_settings(variant: str) -> dict[str, Any]:
+    """The resolved arch of an MViTv2 variant (mmpvt's defaults filled in), from a model on
+    the meta device: no memory, no initialisation."""
+    from mmpvt.models import MViTv2
+    with torch.device('meta'):
+        return MViTv2(arch=variant).arch_settings
+
+
+def build_mmpvt(arch: str, with_cp: bool, *, classification: bool = False,
+                sizes: tuple[tuple[int, int], ...] = ()) -> torch.nn.Module:
+    """mmpvt's backbone; for MViTv2 in ``classification`` layout or not (``sizes``, the
+    input sizes, only matter to timm's MViTv2)."""
+    from mmpvt.models import PVT, MViTv2, PVTv2, ViTDet
+    if arch.startswith(MVIT):  # all four maps, as the detectron2-style peer returns them
+        return MViTv2(arch=arch[len(MVIT):], drop_path_rate=0., with_cp=with_cp,
+                      **mvit_layout(classification))
     if arch.startswith(VITDET):  # the column only: the map timm's SAM encoder also ends with
         return ViTDet(arch=arch[len(VITDET):], out_indices=(2,), drop_path_rate=0., with_cp=with_cp)
+    if arch.startswith(T2T):  # the column only: level 2 is the stride-16 map itself, no layers built
+        from mmpvt.models import T2TViT
+        return T2TViT(arch=arch[len(T2T):], out_indices=(2,), img_size=T2T_IMG_SIZE, drop_path_rate=0.,
+                      with_cp=with_cp)
     cls = PVT if arch in PVT_ARCHS else PVTv2
     return cls(arch=arch, drop_path_rate=0., with_cp=with_cp)
 
 
 def build_mmdet(arch: str, with_cp: bool) -> torch.nn.Module | None:
+    if arch.startswith(T2T):
+        return None  # mmdet has no T2T-ViT
+    if arch.startswith(MVIT):
+        return None  # mmdet has no MViTv2
     if arch.startswith(VITDET):
         return None  # mmdet's ViTDet is a project, not part of the package
     from mmdet.models.backbones.pvt import PyramidVisionTransformer, PyramidVisionTransformerV2
@@ -84,7 +139,33 @@ def build_mmdet(arch: str, with_cp: bool) -> torch.nn.Module | None:
     return model
 
 
-def build_timm(arch: str, with_cp: bool) -> torch.nn.Module | None:
+def build_timm(arch: str, with_cp: bool, *, classification: bool = False,
+               sizes: tuple[tuple[int, int], ...] = ()) -> torch.nn.Module | None:
+    """timm's model of the arch, where timm has one that computes the same function.
+
+    MViTv2: only in the ``classification`` layout (timm has no windows) and for one square
+    input size in ``sizes`` that is a multiple of 32: timm sizes its relative-position
+    tables from ``img_size`` and never resizes them, and its stage grids assume that every
+    stride divides the input.
+    """
+    if arch.startswith(T2T):
+        return None  # timm has no T2T-ViT
+    if arch.startswith(MVIT):
+        if not classification or len(set(sizes)) != 1:
+            return None
+        (h, w), = set(sizes)
+        if h != w or h % 32:
+            return None
+        from timm.models._features import FeatureGetterNet
+        from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
+        settings = mvit_settings(arch[len(MVIT):])
+        cfg = MultiScaleVitCfg(depths=settings['depths'], embed_dim=settings['embed_dims'],
+                               num_heads=settings['num_heads'], mlp_ratio=settings['mlp_ratio'],
+                               expand_attn=settings['dim_mul_in_attention'])
+        model = MultiScaleVit(cfg, img_size=(h, w), num_classes=0)
+        model.set_grad_checkpointing(with_cp)
+        # timm's features_only for MViTv2: the four stage maps; the final norm and head pruned
+        return FeatureGetterNet(model, out_indices=4)
     if arch in PVT_ARCHS:
         return None  # timm has no PVT v1
     if arch.startswith(VITDET):
@@ -105,8 +186,63 @@ def build_timm(arch: str, with_cp: bool) -> torch.nn.Module | None:
     return model
 
 
-BUILDERS: dict[str, Callable[[str, bool], torch.nn.Module | None]] = {
-    'mmpvt': build_mmpvt, 'mmdet': build_mmdet, 'timm': build_timm}
+def load_peer(name: str) -> types.ModuleType:
+    """The module ``peers/<name>.py`` beside this script: a peer implementation no installed
+    package provides. Loaded by path, so that it works however the harness itself was loaded."""
+    import importlib.util
+    path = Path(__file__).resolve().parent / 'peers' / f'{name}.py'
+    if f'peers.{name}' not in sys.modules:
+        spec = importlib.util.spec_from_file_location(f'peers.{name}', path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[f'peers.{name}']
+
+
+def build_official(arch: str, with_cp: bool) -> torch.nn.Module | None:
+    """The authors' modules, where mmpvt has a family without a peer in an installed package.
+
+    T2T-ViT: ``peers/t2t_official.py`` with the variant's settings and the same position
+    table size as mmpvt's row (mmpretrain's ``T2T_ViT`` would be a second peer for the
+    transformer-token variants; it is not a dependency of mmpvt).
+    """
+    if not arch.startswith(T2T) or with_cp:
+        return None  # the authors' code has no activation checkpointing
+    settings = T2T_ARCHS[arch[len(T2T):]]
+    return load_peer('t2t_official').T2TViTOfficial(
+        img_size=T2T_IMG_SIZE, tokens_type=settings['tokens_type'], embed_dim=settings['embed_dims'],
+        depth=settings['depth'], num_heads=settings['num_heads'], mlp_ratio=settings['mlp_ratio'],
+        token_dim=settings['token_dims'])
+
+
+def build_detectron2_style(arch: str, with_cp: bool, *, classification: bool = False,
+                           sizes: tuple[tuple[int, int], ...] = ()) -> torch.nn.Module | None:
+    """MViTv2's blocks as detectron2 writes them (``peers/mvit_detectron2.py``), in the same
+    layout as mmpvt's row; none for the MLP-widening large_in1k, which detectron2 lacks."""
+    if not arch.startswith(MVIT) or not mvit_settings(arch[len(MVIT):])['dim_mul_in_attention']:
+        return None
+    peer = load_peer('mvit_detectron2')
+    return peer.MViTDetectron2Style(arch[len(MVIT):], with_cp=with_cp, **mvit_layout(classification))
+
+
+def build(name: str, args: argparse.Namespace, with_cp: bool | None = None) -> torch.nn.Module | None:
+    """Implementation ``name`` for the run's arch (``with_cp`` defaults to the run's); None
+    where it has no such model."""
+    with_cp = args.with_cp if with_cp is None else with_cp
+    if args.detector:
+        return build_retinanet(name)
+    if args.arch.startswith(MVIT) and name in MVIT_ROWS:
+        sizes = tuple(sorted({(shape[2], shape[3]) for shape in args.shape}))
+        return BUILDERS[name](args.arch, with_cp, classification=args.mvit_layout == 'classification',
+                              sizes=sizes)
+    return BUILDERS[name](args.arch, with_cp)
+
+
+BUILDERS: dict[str, Callable[..., torch.nn.Module | None]] = {
+    'mmpvt': build_mmpvt, 'mmdet': build_mmdet, 'timm': build_timm,
+    'official': build_official,  # T2T-ViT's peer
+    'detectron2-style': build_detectron2_style,  # MViTv2's peer at detection sizes
+}
 
 
 def build_retinanet(backbone: str) -> torch.nn.Module:
@@ -168,6 +304,12 @@ def make_step(model: torch.nn.Module, x: torch.Tensor, mode: str, dtype: torch.d
     return step
 
 
+def attention_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args,
+                    out_shape: Any = None, **kwargs) -> int:
+    """FLOPs of one fused attention call from its operand shapes: q @ k^T and attn @ v."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
 def count_flops(model: torch.nn.Module, x: torch.Tensor, mode: str, detector: bool) -> int:
     """FLOPs of one step: the forward's, times 3 in train mode (backward ~ 2x forward).
 
@@ -175,7 +317,10 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor, mode: str, detector: bo
     (depthwise) convolution as if it were dense, several times PVTv2's real cost.
     """
     step = make_step(model.eval(), x, 'infer', torch.float32, x.device.type, detector)
-    with FlopCounterMode(display=False) as counter:
+    # torch's counter prices the fused attention of CUDA but not the CPU's kernel, which
+    # would leave every attention product of an eager CPU model out of the total.
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops}
+    with FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter:
         step()
     model.train(mode == 'train')
     return counter.get_total_flops() * (3 if mode == 'train' else 1)
@@ -204,7 +349,8 @@ def peak_memory_mb(args: argparse.Namespace, impl: str, dtype: str, shape: tuple
     """
     command = [sys.executable, __file__, '--memory-probe', impl, '--arch', args.arch,
                '--shape', *map(str, shape), '--dtype', dtype, '--mode', args.mode,
-               '--device', args.device] + (['--with-cp'] if args.with_cp else []) + \
+               '--device', args.device, '--mvit-layout', args.mvit_layout] + \
+              (['--with-cp'] if args.with_cp else []) + \
               (['--detector'] if args.detector else [])
     env = {**os.environ, 'MALLOC_MMAP_THRESHOLD_': str(128 * 1024)}
     out = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
@@ -213,7 +359,7 @@ def peak_memory_mb(args: argparse.Namespace, impl: str, dtype: str, shape: tuple
 
 def memory_probe(args: argparse.Namespace) -> None:
     impl = args.memory_probe
-    model = (build_retinanet(impl) if args.detector else BUILDERS[impl](args.arch, args.with_cp))
+    model = build(impl, args)
     model = model.to(args.device).train(args.mode == 'train')
     x = torch.randn(args.shape[0], device=args.device)
     step = make_step(model, x, args.mode, DTYPES[args.dtype[0]], args.device, args.detector)
@@ -296,7 +442,7 @@ def run(args: argparse.Namespace) -> str:
     # One row per implementation x eager/compiled x dtype x shape, all timed interleaved.
     rows: dict[str, dict[str, Any]] = {}
     for name in names:
-        model = build_retinanet(name) if args.detector else BUILDERS[name](args.arch, args.with_cp)
+        model = build(name, args)
         if model is None:
             continue
         model = model.to(args.device).train(args.mode == 'train')
@@ -317,7 +463,7 @@ def run(args: argparse.Namespace) -> str:
         for row in rows.values():  # interleaved: A B C A B C ...
             row['times'].append(timed(row['step'], args.device))
     # FLOPs are counted on an eager model: the compiled graph hides its operations.
-    eager = build_retinanet('mmpvt') if args.detector else build_mmpvt(args.arch, False)
+    eager = build('mmpvt', args, with_cp=False)
     eager = eager.to(args.device).train(args.mode == 'train')
     flops = {shape: count_flops(eager, inputs[shape], args.mode, args.detector) for shape in shapes}
     ceilings = {dtype: gemm_gflops(DTYPES[dtype], args.device) for dtype in args.dtype}
@@ -329,6 +475,8 @@ def run(args: argparse.Namespace) -> str:
     first = next(iter(rows))
     base = statistics.median(rows[first]['times'])
     what = 'RetinaNet-PVTv2-b2' if args.detector else args.arch
+    if args.arch.startswith(MVIT) and not args.detector:
+        what += f' ({args.mvit_layout} layout)'
     lines = [
         f'{what}, input {", ".join("x".join(map(str, s)) for s in shapes)}, {args.mode}, {args.device}'
         f'{", with_cp" if args.with_cp else ""}; {args.repeat} interleaved runs after {args.warmup} '
@@ -368,6 +516,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--compile', action='store_true',
                         help='also time every implementation under torch.compile')
     parser.add_argument('--with-cp', action='store_true', help='activation checkpointing (mmpvt, timm)')
+    parser.add_argument('--mvit-layout', choices=MVIT_LAYOUTS, default='detection',
+                        help='mvit_* archs: detectron2\'s windowed blocks (default), or the classification '
+                             'model\'s global attention, which timm\'s row needs')
     parser.add_argument('--detector', action='store_true', help='whole RetinaNet-PVTv2-b2 instead')
     parser.add_argument('--memory', action='store_true', help='also measure peak memory per implementation')
     parser.add_argument('--repeat', type=int, default=5)
