@@ -15,7 +15,8 @@ under load, CI saw the resumed run's last bits differ in a few tensors (two of t
 convolutions; once a grad_norm in its 8th digit) while two uninterrupted runs agreed bit for bit
 even under load; the cause is not isolated. The bounds sit below what a missing seed does: the
 negative control's losses leave the uninterrupted run's by more than the scalar bound (measured:
-7e-6 relative at iteration 4) and its weights by more than a thousand times the tensor bound
+7e-6 relative at iteration 4, with the demo head's earlier four convolutions per branch; the
+test holds it on every run) and its weights by more than a thousand times the tensor bound
 (measured at the zoo's head width: half of a tensor's largest magnitude in a hundred tensors).
 """
 import json
@@ -76,10 +77,23 @@ def logged_iterations(work_dir: Path) -> dict[int, dict]:
 SCALAR_RTOL, TENSOR_RTOL = 1e-6, 1e-5
 
 
+def compared(key: str, tensor: torch.Tensor, rtol: float) -> torch.Tensor:
+    """What of a tensor the two-process bounds compare: all of it, but for the key half of
+    PVTv2's ``kv.bias``. A key bias adds the same ``q . b`` to every logit of a query, which
+    softmax cancels: its gradient is rounding noise, which AdamW scales to steps of the
+    learning rate's size, so its values are rounding, not training state. Measured in a
+    two-process run that failed on them: the key halves apart by up to 1.1 times their own
+    largest magnitude (2e-4 of the whole tensor's), the value halves by 5.6e-7."""
+    if rtol and key.endswith('attn.kv.bias'):
+        return tensor[tensor.shape[0] // 2:]
+    return tensor
+
+
 def differing_tensors(checkpoint: Path, reference: Path, rtol: float = 0.0) -> list[str]:
     """The keys whose tensors differ between two checkpoints of the same model.
 
-    ``rtol=0``: any bit; otherwise by more than ``rtol`` of the tensor's largest magnitude.
+    ``rtol=0``: any bit; otherwise by more than ``rtol`` of the tensor's largest magnitude
+    (see :func:`compared`).
     """
     # mmpvt's loader reads with weights_only=True: the checkpoints stay loadable that way.
     state = load_checkpoint_file(checkpoint)['state_dict']
@@ -87,9 +101,10 @@ def differing_tensors(checkpoint: Path, reference: Path, rtol: float = 0.0) -> l
     assert state.keys() == expected.keys()
     if not rtol:
         return [key for key in state if not torch.equal(state[key], expected[key])]
-    return [key for key in state if not torch.allclose(
-        state[key].double(), expected[key].double(), rtol=0,
-        atol=rtol * float(expected[key].double().abs().max()) + 1e-30)]
+    pairs = {key: (compared(key, state[key], rtol).double(), compared(key, expected[key], rtol).double())
+             for key in state}
+    return [key for key, (value, ref) in pairs.items()
+            if not torch.allclose(value, ref, rtol=0, atol=rtol * float(ref.abs().max()) + 1e-30)]
 
 
 def same_scalars(logged: dict, expected: dict, rtol: float) -> bool:
