@@ -18,7 +18,7 @@ import logging
 import os
 import pickle
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,21 @@ def _load_numpy_pickle(path: Path) -> Any:
     """
     with open(path, 'rb') as f:
         return _to_tensors(_NumpyArrayUnpickler(f, encoding='latin1').load())
+
+
+def unwrap_checkpoint(checkpoint: Mapping[str, Any], wrappers: Sequence[str],
+                      skip_empty: bool = False) -> dict[str, Any]:
+    """The flat state dict inside a checkpoint: the first of ``wrappers`` that holds a dict
+    (a non-empty one with ``skip_empty``), or the checkpoint itself, without the ``module.``
+    prefix of a model saved inside DataParallel. Each family names its releases' wrappers."""
+    state = checkpoint
+    for wrapper in wrappers:
+        if isinstance(state.get(wrapper), Mapping) and (state[wrapper] or not skip_empty):
+            state = state[wrapper]
+            break
+    if state and all(k.startswith('module.') for k in state):
+        state = {k[len('module.'):]: v for k, v in state.items()}
+    return dict(state)
 
 
 def load_checkpoint_file(filename: str | os.PathLike, map_location: Any = 'cpu') -> dict[str, Any]:

@@ -31,10 +31,9 @@ def _model_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     """The whole model's state dict in a checkpoint: mmengine's ``state_dict`` entry, or the
     file itself when it is a bare state dict; without the ``module.`` prefix of a model saved
     inside DistributedDataParallel (mmengine's loader strips it too)."""
-    state = checkpoint['state_dict'] if isinstance(checkpoint.get('state_dict'), Mapping) else checkpoint
-    if state and all(key.startswith('module.') for key in state):
-        state = {key[len('module.'):]: value for key, value in state.items()}
-    return dict(state)
+    from ..checkpoint import unwrap_checkpoint
+
+    return unwrap_checkpoint(checkpoint, ('state_dict',))
 
 
 def _fitting_state(model: nn.Module, checkpoint: str | os.PathLike

@@ -28,6 +28,7 @@ from mmengine.logging import MMLogger, print_log
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..checkpoint import unwrap_checkpoint
 from ..registry import register_model
 from .base import DenseBackbone
 from .layers import (
@@ -501,14 +502,7 @@ def unwrap_mvit_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     (mmengine), ``model`` (detectron2) and ``module`` that holds a dict, and strips a
     ``module.`` (DataParallel) prefix.
     """
-    state = checkpoint
-    for wrapper in ('model_state', 'state_dict', 'model', 'module'):
-        if isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-            break
-    if state and all(k.startswith('module.') for k in state):
-        state = {k[len('module.'):]: v for k, v in state.items()}
-    return dict(state)
+    return unwrap_checkpoint(checkpoint, ('model_state', 'state_dict', 'model', 'module'))
 
 
 def _backbone_prefix(state: Mapping[str, Any]) -> str:

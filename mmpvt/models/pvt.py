@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..checkpoint import unwrap_checkpoint
 from ..ops import dwconv_gelu
 from ..registry import register_model
 from .base import DenseBackbone
@@ -465,13 +466,7 @@ CLASSIFICATION_KEYS = re.compile(r'^(head\.|head_drop\.|cls_token$|norm\.)')
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     """The backbone's flat state dict inside a training or detector checkpoint."""
-    state = checkpoint
-    for wrapper in ('state_dict', 'model', 'module'):
-        if isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-            break
-    if state and all(k.startswith('module.') for k in state):
-        state = {k[len('module.'):]: v for k, v in state.items()}
+    state = unwrap_checkpoint(checkpoint, ('state_dict', 'model', 'module'))
     if any(k.startswith('backbone.') for k in state):
         state = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
     return dict(state)

@@ -31,7 +31,7 @@ from mmengine.logging import MMLogger, print_log
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import CheckpointError, load_backbone_checkpoint
+from ..checkpoint import CheckpointError, load_backbone_checkpoint, unwrap_checkpoint
 from ..registry import register_model
 from .base import DenseBackbone
 from .layers import (
@@ -547,14 +547,7 @@ def unwrap_t2t_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     training script: their EMA weights, which the authors evaluate), ``state_dict``
     (also mmengine's), ``model`` and ``module``, and strips a ``module.`` (DataParallel) prefix.
     """
-    state = checkpoint
-    for wrapper in ('state_dict_ema', 'state_dict', 'model', 'module'):
-        if isinstance(state.get(wrapper), Mapping) and state[wrapper]:
-            state = state[wrapper]
-            break
-    if state and all(k.startswith('module.') for k in state):
-        state = {k[len('module.'):]: v for k, v in state.items()}
-    return dict(state)
+    return unwrap_checkpoint(checkpoint, ('state_dict_ema', 'state_dict', 'model', 'module'), skip_empty=True)
 
 
 def _is_wrapped(state: Mapping[str, Any]) -> bool:

@@ -29,6 +29,7 @@ from mmengine.model import BaseModule
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..checkpoint import unwrap_checkpoint
 from ..registry import register_model
 from .base import DenseBackbone
 from .layers import (
@@ -365,14 +366,7 @@ def unwrap_vitdet_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
     Takes the first of ``state_dict`` (mmengine), ``model`` (timm/DeiT/MAE/detectron2) and
     ``module`` that holds a dict, and strips a ``module.`` (DataParallel) prefix.
     """
-    state = checkpoint
-    for wrapper in ('state_dict', 'model', 'module'):
-        if isinstance(state.get(wrapper), Mapping):
-            state = state[wrapper]
-            break
-    if state and all(k.startswith('module.') for k in state):
-        state = {k[len('module.'):]: v for k, v in state.items()}
-    return dict(state)
+    return unwrap_checkpoint(checkpoint, ('state_dict', 'model', 'module'))
 
 
 def detect_vitdet_layout(state_dict: Mapping[str, Any]) -> str:
