@@ -415,3 +415,56 @@ def test_fc1_bias_carried_by_the_depthwise_conv_is_exact(hw):
     wrt = [x, mlp.fc1.weight, mlp.fc1.bias, mlp.dwconv.weight, mlp.dwconv.bias]
     for got, want in zip(torch.autograd.grad(out, wrt, grad), torch.autograd.grad(reference, wrt, grad)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('chunk_masks', [1000, 2, 1, 0], ids=['whole', 'two-entries', 'one-entry', 'one-row'])
+def test_rel_pos_attention_in_mask_slices_equals_the_whole_mask(monkeypatch, chunk_masks):
+    """Inference builds the relative-position mask a slice at a time: whole batch entries,
+    or runs of query rows of one entry when an entry's mask is over the budget. Every way of
+    slicing gives the attention with the whole mask, in the layout that flattens into tokens."""
+    from torch.nn import functional as F
+
+    from mmpvt.models import layers
+    n, heads, q_hw, k_hw, c = 3, 2, (5, 7), (3, 4), 8
+    entry_bytes = heads * q_hw[0] * q_hw[1] * k_hw[0] * k_hw[1] * 8  # float64
+    # 0: the budget of one query row and a half, so the rows go two at a time
+    budget = chunk_masks * entry_bytes if chunk_masks else entry_bytes * 3 // (2 * q_hw[0])
+    monkeypatch.setattr(layers, 'REL_POS_CHUNK_BYTES', budget)
+    q = torch.randn(n, heads, q_hw[0] * q_hw[1], c, dtype=torch.float64)
+    k, v = (torch.randn(n, heads, k_hw[0] * k_hw[1], c, dtype=torch.float64) for _ in range(2))
+    rel_h, rel_w = (torch.randn(9, c, dtype=torch.float64) for _ in range(2))
+    def reference():
+        mask = layers.decomposed_rel_pos(q, rel_h, rel_w, q_hw, k_hw)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    ref = reference()
+    ops = OpNames()
+    with ops, torch.no_grad():
+        out = layers.rel_pos_attention(q, k, v, rel_h, rel_w, q_hw, k_hw)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    assert out.transpose(1, 2).is_contiguous()
+    assert 'baddbmm' not in ops.names
+
+    # with gradients: the whole mask, the written-out product, the same values and layout
+    params = [t.requires_grad_() for t in (q, k, v, rel_h, rel_w)]
+    ops = OpNames()
+    with ops:
+        out = layers.rel_pos_attention(*params[:3], rel_h, rel_w, q_hw, k_hw)
+    assert 'baddbmm' in ops.names
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    assert out.transpose(1, 2).is_contiguous()
+    ref = reference()
+    for grad, ref_grad in zip(torch.autograd.grad(out.square().sum(), params),
+                              torch.autograd.grad(ref.square().sum(), params)):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16, torch.float32])
+def test_rel_pos_mask_is_the_outer_sum_rounded_once(dtype):
+    """In reduced precision the mask is a matrix product with a 0/1 matrix (faster on the
+    CPU than the broadcast add); each entry is still the sum of its two terms, rounded once."""
+    from mmpvt.models.layers import _rel_pos_mask
+    rel_h, rel_w = torch.randn(2, 3, 5, 7, 4).to(dtype), torch.randn(2, 3, 5, 7, 6).to(dtype)
+    exact = rel_h.double()[..., :, None] + rel_w.double()[..., None, :]
+    ref = exact.to(dtype).flatten(-4, -3).flatten(-2, -1)
+    torch.testing.assert_close(_rel_pos_mask(rel_h, rel_w), ref, rtol=0, atol=0)

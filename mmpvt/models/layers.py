@@ -176,9 +176,9 @@ def rel_pos_lookup(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tenso
     return table[index.long()]
 
 
-def decomposed_rel_pos(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
-                       q_hw: Sequence[int], k_hw: Sequence[int]) -> torch.Tensor:
-    """The decomposed relative-position term of MViTv2, as an additive attention mask.
+def rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                  q_hw: Sequence[int], k_hw: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of MViTv2's decomposed relative-position term.
 
     For a query at ``(i, j)`` and a key at ``(m, n)`` the logit gains
     ``q · R_h[i - m] + q · R_w[j - n]``: one table per axis instead of one per 2-D offset.
@@ -189,20 +189,92 @@ def decomposed_rel_pos(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torc
         q_hw, k_hw: the query and key grids.
 
     Returns:
-        ``(..., q_h * q_w, k_h * k_w)``, to be added to ``q @ k.T * scale`` (the
-        ``attn_mask`` of ``scaled_dot_product_attention``).
+        ``q · R_h``, ``(..., q_h, q_w, k_h)``, and ``q · R_w``, ``(..., q_h, q_w, k_w)``,
+        both contiguous.
     """
     (q_h, q_w), (k_h, k_w) = q_hw, k_hw
     R_h = rel_pos_lookup(q_h, k_h, rel_pos_h).to(q.dtype)
     R_w = rel_pos_lookup(q_w, k_w, rel_pos_w).to(q.dtype)
     grid_q = q.unflatten(-2, (q_h, q_w))
-    # einsum may return permuted strides; the broadcast sum would inherit them and the
-    # flatten below would then copy the whole (q_h*q_w) x (k_h*k_w) bias. The two small
-    # terms made contiguous, the sum is born in the layout the attention reads.
+    # einsum may return permuted strides; the broadcast sum of the two would inherit them,
+    # and flattening it would then copy the whole (q_h*q_w) x (k_h*k_w) bias. Made
+    # contiguous, the sum is born in the layout the attention reads.
     rel_h = torch.einsum('...hwc,hkc->...hwk', grid_q, R_h).contiguous()
     rel_w = torch.einsum('...hwc,wkc->...hwk', grid_q, R_w).contiguous()
-    bias = rel_h[..., :, None] + rel_w[..., None, :]  # (..., q_h, q_w, k_h, k_w)
-    return bias.flatten(-4, -3).flatten(-2, -1)
+    return rel_h, rel_w
+
+
+def _rel_pos_mask(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
+    """``(..., q_h * q_w, k_h * k_w)``: every query's term for every key, from the factors.
+
+    The outer sum is a broadcast add, except in bfloat16 and float16 on the CPU: there it is
+    the product of the two factors side by side with a 0/1 matrix, which the reduced-precision
+    matrix units compute 3-8 times faster than the broadcast add (MViTv2-T's blocks at
+    800x1344). Each output is one term plus the other, rounded once: the same values.
+    """
+    k_h, k_w = rel_h.shape[-1], rel_w.shape[-1]
+    if rel_h.device.type == 'cpu' and rel_h.dtype in (torch.bfloat16, torch.float16):
+        eye_h = torch.eye(k_h, dtype=rel_h.dtype, device=rel_h.device)
+        eye_w = torch.eye(k_w, dtype=rel_h.dtype, device=rel_h.device)
+        # row m of the first block is 1 at every key (m, .); row n of the second at (., n)
+        spread = torch.cat([eye_h.repeat_interleave(k_w, dim=1), eye_w.repeat(1, k_h)])
+        return (torch.cat([rel_h, rel_w], dim=-1) @ spread).flatten(-3, -2)
+    return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-4, -3).flatten(-2, -1)
+
+
+def decomposed_rel_pos(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
+                       q_hw: Sequence[int], k_hw: Sequence[int]) -> torch.Tensor:
+    """The decomposed relative-position term of :func:`rel_pos_terms` as one additive mask,
+    ``(..., q_h * q_w, k_h * k_w)``, to be added to ``q @ k.T * scale`` (the ``attn_mask``
+    of ``scaled_dot_product_attention``)."""
+    return _rel_pos_mask(*rel_pos_terms(q, rel_pos_h, rel_pos_w, q_hw, k_hw))
+
+
+# Inference on the CPU builds the relative-position mask for a slice of the queries at a
+# time, about this many bytes, and attends with it while it is still in cache. Built whole,
+# the mask is as large as the attention matrix (59 MB for one MViTv2-T block at 800x1344):
+# writing it, faulting its fresh pages in and reading it back took as long as the
+# attention itself.
+REL_POS_CHUNK_BYTES = 16 * 2**20
+
+
+def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor,
+                      rel_pos_w: torch.Tensor, q_hw: Sequence[int], k_hw: Sequence[int],
+                      dropout_p: float = 0.) -> torch.Tensor:
+    """``softmax(q @ k.T / sqrt(head_dims) + decomposed_rel_pos) @ v`` for ``(N, heads, tokens, C)``
+    operands (the ViTDet and MViTv2 attentions).
+
+    Returns ``(N, heads, Nq, Cv)`` whose memory is ``(N, Nq, heads, Cv)``: transposed back,
+    it flattens into tokens without a copy. A step that needs gradients, or one off the
+    CPU, attends with the whole mask (:func:`masked_attention`); inference on the CPU builds
+    the mask in slices of about ``REL_POS_CHUNK_BYTES``: whole batch entries (windows) when
+    one fits, otherwise runs of query rows of one entry.
+    """
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, rel_pos_h, rel_pos_w))
+    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, q_hw, k_hw)
+    if needs_grad or q.device.type != 'cpu':
+        out = masked_attention(q, k, v, _rel_pos_mask(rel_h, rel_w), dropout_p)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+    n, heads, nq, _ = q.shape
+    q_h, q_w = q_hw
+    out = q.new_empty(n, nq, heads, v.shape[-1]).transpose(1, 2)
+    row_bytes = heads * q_w * k.shape[-2] * q.element_size()  # one query row's mask, all heads
+    rows = max(1, REL_POS_CHUNK_BYTES // row_bytes)
+    if rows >= q_h:
+        step = rows // q_h
+        for i in range(0, n, step):
+            b = slice(i, i + step)
+            mask = _rel_pos_mask(rel_h[b], rel_w[b])
+            out[b] = F.scaled_dot_product_attention(q[b], k[b], v[b], attn_mask=mask, dropout_p=dropout_p)
+        return out
+    for i in range(n):
+        for r in range(0, q_h, rows):
+            t = slice(r * q_w, (r + rows) * q_w)
+            mask = _rel_pos_mask(rel_h[i, :, r:r + rows], rel_w[i, :, r:r + rows])
+            out[i, :, t] = F.scaled_dot_product_attention(q[i, :, t], k[i], v[i], attn_mask=mask,
+                                                          dropout_p=dropout_p)
+    return out
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -330,7 +402,11 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        x = self.fc1(x)
+        # Without autograd the GELU overwrites fc1's output: the widest activation of the
+        # block is then written once, not twice (a third of fc1 + GELU at MViTv2-T's stage 1).
+        x = torch.ops.aten.gelu_(x) if not x.requires_grad else self.act(x)
+        return self.drop(self.fc2(self.drop(x)))
 
 
 class Attention(nn.Module):
@@ -374,14 +450,11 @@ class Attention(nn.Module):
         heads = self.num_heads
         # (B, heads, H*W, head_dim) each, as strided views of the projection.
         q, k, v = self.qkv(x).reshape(B, H * W, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        mask = None
-        if self.rel_pos_h is not None:
-            mask = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
         dropout_p = self.attn_drop if self.training else 0.
-        if mask is None:
+        if self.rel_pos_h is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         else:
-            out = masked_attention(q, k, v, mask, dropout_p)
+            out = rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W), dropout_p)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, H, W, C)))
 
 

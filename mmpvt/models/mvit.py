@@ -34,9 +34,8 @@ from .base import DenseBackbone
 from .layers import (
     DropPath,
     Mlp,
-    decomposed_rel_pos,
     init_linear_and_norm,
-    masked_attention,
+    rel_pos_attention,
     resize_rel_pos,
     window_partition,
     window_unpartition,
@@ -72,7 +71,7 @@ class HeadSharedPool(nn.Conv2d):
     """MViTv2's attention pooling: a 3x3 depthwise convolution (padding 1, no bias) over one
     head's channels, the same weights for every head.
 
-    The weights have the releases' shape ``(head_dims, 1, 3, 3)``; :func:`pool_token_maps`
+    The weights have the releases' shape ``(head_dims, 1, 3, 3)``; :meth:`pool_heads`
     applies them to all heads of a map at once.
     """
 
@@ -80,20 +79,18 @@ class HeadSharedPool(nn.Conv2d):
         super().__init__(head_dims, head_dims, kernel_size=3, stride=stride, padding=1, groups=head_dims,
                          bias=False)
 
+    def pool_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """Pools a ``(B, H, W, heads * head_dims)`` map, returns ``(B, H', W', heads, head_dims)``
+        with ``H' = ceil(H / stride)``.
 
-def pool_token_maps(x: torch.Tensor, pools: Sequence[HeadSharedPool], stride: int) -> torch.Tensor:
-    """Pools ``(B, H, W, n * C)`` maps (n parts of ``heads x head_dims`` channels) in one convolution.
-
-    Part ``i`` (q, k or v) is pooled with ``pools[i]``'s weights, repeated over its heads: the
-    depthwise convolution of the whole map then equals the per-head convolutions of the
-    releases, without folding the heads into the batch. Returns ``(B, H', W', n * C)`` with
-    ``H' = ceil(H / stride)``.
-    """
-    channels = x.shape[-1]
-    heads = channels // (len(pools) * pools[0].in_channels)
-    weight = torch.cat([pool.weight.repeat(heads, 1, 1, 1) for pool in pools])
-    out = F.conv2d(x.permute(0, 3, 1, 2), weight, None, stride, 1, 1, channels)
-    return out.permute(0, 2, 3, 1)
+        The weights repeated over the heads, one depthwise convolution of the whole map equals
+        the releases' per-head convolutions, without folding the heads into the batch. A
+        contiguous map is a channels-last NCHW tensor, which the convolution reads in place.
+        """
+        heads = x.shape[-1] // self.in_channels
+        out = F.conv2d(x.permute(0, 3, 1, 2), self.weight.repeat(heads, 1, 1, 1), None, self.stride,
+                       self.padding, 1, x.shape[-1])
+        return out.permute(0, 2, 3, 1).unflatten(-1, (heads, -1))
 
 
 def max_pool_tokens(x: torch.Tensor, stride: int) -> torch.Tensor:
@@ -149,23 +146,17 @@ class PoolingAttention(nn.Module):
         self.rel_pos_h = nn.Parameter(torch.zeros(rel_pos_rows, head_dims))
         self.rel_pos_w = nn.Parameter(torch.zeros(rel_pos_rows, head_dims))
 
-    def _pooled(self, x: torch.Tensor, parts: str, stride: int) -> list[torch.Tensor]:
-        """The pooled, per-head normalised maps ``(B, H', W', heads, head_dims)`` of ``parts``
-        (a run of 'q', 'k', 'v') of the projected map ``x``."""
-        pools = [getattr(self, f'pool_{p}') for p in parts]
-        out = pool_token_maps(x, pools, stride).unflatten(-1, (len(parts), self.num_heads, -1))
-        return [getattr(self, f'norm_{p}')(out[..., i, :, :]) for i, p in enumerate(parts)]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         heads = self.num_heads
-        qkv = self.qkv(x)
-        dims = qkv.shape[-1] // 3
-        # Parts with the same stride share one convolution.
-        if self.q_stride == self.kv_stride:
-            q, k, v = self._pooled(qkv, 'qkv', self.q_stride)
-        else:
-            q, = self._pooled(qkv[..., :dims], 'q', self.q_stride)
-            k, v = self._pooled(qkv[..., dims:], 'kv', self.kv_stride)
+        weight, bias = self.qkv.weight, self.qkv.bias
+        dims = weight.shape[0] // 3
+        # q, k and v come from three products with the thirds of the qkv weights: each part is
+        # then its own contiguous map, which its pooling and per-head norm read without the
+        # copies that slices of one product cost (and, in training, without their backward).
+        q, k, v = (
+            norm(pool.pool_heads(F.linear(x, weight[i * dims:(i + 1) * dims], bias[i * dims:(i + 1) * dims])))
+            for i, (pool, norm) in enumerate(((self.pool_q, self.norm_q), (self.pool_k, self.norm_k),
+                                              (self.pool_v, self.norm_v))))
         pooled_q = q
         if self.window_size:
             q_win, kv_win = self.window_size // self.q_stride, self.window_size // self.kv_stride
@@ -177,8 +168,7 @@ class PoolingAttention(nn.Module):
             q_hw, kv_hw = q.shape[1:3], k.shape[1:3]
         # (batch or windows, heads, tokens, head_dims), views of the maps
         q, k, v = (t.reshape(t.shape[0], -1, heads, dims // heads).transpose(1, 2) for t in (q, k, v))
-        mask = decomposed_rel_pos(q, self.rel_pos_h, self.rel_pos_w, q_hw, kv_hw)
-        out = masked_attention(q, k, v, mask)
+        out = rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, q_hw, kv_hw)
         out = out.transpose(1, 2).reshape(out.shape[0], q_hw[0], q_hw[1], dims)
         if self.window_size:
             out = window_unpartition(out, q_win, padded_hw, pooled_q.shape[1:3])
