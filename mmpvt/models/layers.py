@@ -176,31 +176,27 @@ def rel_pos_lookup(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tenso
     return table[index.long()]
 
 
-def rel_pos_terms(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor,
-                  q_hw: Sequence[int], k_hw: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def rel_pos_terms(q: torch.Tensor, R_h: torch.Tensor, R_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The two factors of MViTv2's decomposed relative-position term.
 
     For a query at ``(i, j)`` and a key at ``(m, n)`` the logit gains
-    ``q · R_h[i - m] + q · R_w[j - n]``: one table per axis instead of one per 2-D offset.
+    ``q · R_h[i, m] + q · R_w[j, n]``: one table per axis instead of one per 2-D offset.
 
     Args:
         q: queries ``(..., q_h * q_w, C)`` before the attention scale is applied.
-        rel_pos_h, rel_pos_w: the tables of the height and width axes, ``(L, C)``.
-        q_hw, k_hw: the query and key grids.
+        R_h, R_w: the looked-up embeddings (:func:`rel_pos_lookup`) of every query/key
+            distance, ``(q_h, k_h, C)`` and ``(q_w, k_w, C)``.
 
     Returns:
         ``q · R_h``, ``(..., q_h, q_w, k_h)``, and ``q · R_w``, ``(..., q_h, q_w, k_w)``,
         both contiguous.
     """
-    (q_h, q_w), (k_h, k_w) = q_hw, k_hw
-    R_h = rel_pos_lookup(q_h, k_h, rel_pos_h).to(q.dtype)
-    R_w = rel_pos_lookup(q_w, k_w, rel_pos_w).to(q.dtype)
-    grid_q = q.unflatten(-2, (q_h, q_w))
+    grid_q = q.unflatten(-2, (R_h.shape[0], R_w.shape[0]))
     # einsum may return permuted strides; the broadcast sum of the two would inherit them,
     # and flattening it would then copy the whole (q_h*q_w) x (k_h*k_w) bias. Made
     # contiguous, the sum is born in the layout the attention reads.
-    rel_h = torch.einsum('...hwc,hkc->...hwk', grid_q, R_h).contiguous()
-    rel_w = torch.einsum('...hwc,wkc->...hwk', grid_q, R_w).contiguous()
+    rel_h = torch.einsum('...hwc,hkc->...hwk', grid_q, R_h.to(q.dtype)).contiguous()
+    rel_w = torch.einsum('...hwc,wkc->...hwk', grid_q, R_w.to(q.dtype)).contiguous()
     return rel_h, rel_w
 
 
@@ -227,7 +223,9 @@ def decomposed_rel_pos(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torc
     """The decomposed relative-position term of :func:`rel_pos_terms` as one additive mask,
     ``(..., q_h * q_w, k_h * k_w)``, to be added to ``q @ k.T * scale`` (the ``attn_mask``
     of ``scaled_dot_product_attention``)."""
-    return _rel_pos_mask(*rel_pos_terms(q, rel_pos_h, rel_pos_w, q_hw, k_hw))
+    (q_h, q_w), (k_h, k_w) = q_hw, k_hw
+    R_h, R_w = rel_pos_lookup(q_h, k_h, rel_pos_h), rel_pos_lookup(q_w, k_w, rel_pos_w)
+    return _rel_pos_mask(*rel_pos_terms(q, R_h, R_w))
 
 
 # Inference on the CPU builds the relative-position mask for a slice of the queries at a
@@ -238,11 +236,10 @@ def decomposed_rel_pos(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torc
 REL_POS_CHUNK_BYTES = 16 * 2**20
 
 
-def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos_h: torch.Tensor,
-                      rel_pos_w: torch.Tensor, q_hw: Sequence[int], k_hw: Sequence[int],
-                      dropout_p: float = 0.) -> torch.Tensor:
+def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, R_h: torch.Tensor,
+                      R_w: torch.Tensor, dropout_p: float = 0.) -> torch.Tensor:
     """``softmax(q @ k.T / sqrt(head_dims) + decomposed_rel_pos) @ v`` for ``(N, heads, tokens, C)``
-    operands (the ViTDet and MViTv2 attentions).
+    operands (the ViTDet and MViTv2 attentions), ``R_h`` and ``R_w`` as in :func:`rel_pos_terms`.
 
     Returns ``(N, heads, Nq, Cv)`` whose memory is ``(N, Nq, heads, Cv)``: transposed back,
     it flattens into tokens without a copy. A step that needs gradients, or one off the
@@ -250,14 +247,13 @@ def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_pos
     the mask in slices of about ``REL_POS_CHUNK_BYTES``: whole batch entries (windows) when
     one fits, otherwise runs of query rows of one entry.
     """
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v, rel_pos_h, rel_pos_w))
-    rel_h, rel_w = rel_pos_terms(q, rel_pos_h, rel_pos_w, q_hw, k_hw)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, R_h, R_w))
+    rel_h, rel_w = rel_pos_terms(q, R_h, R_w)
     if needs_grad or q.device.type != 'cpu':
         out = masked_attention(q, k, v, _rel_pos_mask(rel_h, rel_w), dropout_p)
         return out.transpose(1, 2).contiguous().transpose(1, 2)
     n, heads, nq, _ = q.shape
-    q_h, q_w = q_hw
+    q_h, q_w = R_h.shape[0], R_w.shape[0]
     out = q.new_empty(n, nq, heads, v.shape[-1]).transpose(1, 2)
     row_bytes = heads * q_w * k.shape[-2] * q.element_size()  # one query row's mask, all heads
     rows = max(1, REL_POS_CHUNK_BYTES // row_bytes)
@@ -454,7 +450,8 @@ class Attention(nn.Module):
         if self.rel_pos_h is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         else:
-            out = rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W), dropout_p)
+            R_h, R_w = rel_pos_lookup(H, H, self.rel_pos_h), rel_pos_lookup(W, W, self.rel_pos_w)
+            out = rel_pos_attention(q, k, v, R_h, R_w, dropout_p)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, H, W, C)))
 
 

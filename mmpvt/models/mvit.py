@@ -36,9 +36,9 @@ from .layers import (
     Mlp,
     init_linear_and_norm,
     rel_pos_attention,
+    rel_pos_lookup,
     resize_rel_pos,
     window_partition,
-    window_unpartition,
 )
 
 # LayerNorm eps of every MViTv2 release and of detectron2's MViT configs.
@@ -147,7 +147,6 @@ class PoolingAttention(nn.Module):
         self.rel_pos_w = nn.Parameter(torch.zeros(rel_pos_rows, head_dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        heads = self.num_heads
         weight, bias = self.qkv.weight, self.qkv.bias
         dims = weight.shape[0] // 3
         # q, k and v come from three products with the thirds of the qkv weights: each part is
@@ -157,22 +156,58 @@ class PoolingAttention(nn.Module):
             norm(pool.pool_heads(F.linear(x, weight[i * dims:(i + 1) * dims], bias[i * dims:(i + 1) * dims])))
             for i, (pool, norm) in enumerate(((self.pool_q, self.norm_q), (self.pool_k, self.norm_k),
                                               (self.pool_v, self.norm_v))))
-        pooled_q = q
         if self.window_size:
-            q_win, kv_win = self.window_size // self.q_stride, self.window_size // self.kv_stride
-            q, padded_hw = window_partition(q.flatten(-2), q_win)
-            k, _ = window_partition(k.flatten(-2), kv_win)
-            v, _ = window_partition(v.flatten(-2), kv_win)
-            q_hw, kv_hw = (q_win, q_win), (kv_win, kv_win)
+            out = self._windowed_attention(q, k, v)
         else:
-            q_hw, kv_hw = q.shape[1:3], k.shape[1:3]
-        # (batch or windows, heads, tokens, head_dims), views of the maps
-        q, k, v = (t.reshape(t.shape[0], -1, heads, dims // heads).transpose(1, 2) for t in (q, k, v))
-        out = rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, q_hw, kv_hw)
-        out = out.transpose(1, 2).reshape(out.shape[0], q_hw[0], q_hw[1], dims)
-        if self.window_size:
-            out = window_unpartition(out, q_win, padded_hw, pooled_q.shape[1:3])
-        return self.proj(out + pooled_q.flatten(-2))
+            (q_h, q_w), (k_h, k_w) = q.shape[1:3], k.shape[1:3]
+            R_h, R_w = rel_pos_lookup(q_h, k_h, self.rel_pos_h), rel_pos_lookup(q_w, k_w, self.rel_pos_w)
+            # (B, heads, tokens, head_dims) views of the maps
+            out = rel_pos_attention(*(t.flatten(1, 2).transpose(1, 2) for t in (q, k, v)), R_h, R_w)
+            out = out.transpose(1, 2).view(q.shape)
+        # residual pooling
+        return self.proj((out + q).flatten(-2))
+
+    def _windowed_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention inside windows for ``(B, H, W, heads, head_dims)`` pooled maps; returns q's shape.
+
+        Keys and values are cut into zero-padded windows, as detectron2 trained them (padded
+        keys still take part in every softmax). The queries of the padding are not computed:
+        detectron2 computes and then drops them, and at 512x512 they are 42% of the windows'
+        queries. The windows are attended in up to four groups of one query extent (full
+        windows, the last column, the last row, the corner), each written straight into its
+        region of the output.
+        """
+        B, H, W, heads, head_dims = q.shape
+        q_win, kv_win = self.window_size // self.q_stride, self.window_size // self.kv_stride
+        k, padded_hw = window_partition(k.flatten(-2), kv_win)
+        v, _ = window_partition(v.flatten(-2), kv_win)
+        grid = (B, padded_hw[0] // kv_win, padded_hw[1] // kv_win, kv_win * kv_win, heads, head_dims)
+        k, v = k.reshape(grid), v.reshape(grid)
+        R_h = rel_pos_lookup(q_win, kv_win, self.rel_pos_h)
+        R_w = rel_pos_lookup(q_win, kv_win, self.rel_pos_w)
+        out = q.new_empty(q.shape)
+        for r0, r1, h in _window_spans(H, q_win):
+            for c0, c1, w in _window_spans(W, q_win):
+                n_r, n_c = r1 - r0, c1 - c0
+                rows, cols = slice(r0 * q_win, r0 * q_win + n_r * h), slice(c0 * q_win, c0 * q_win + n_c * w)
+                # (windows, heads, h * w, head_dims), token-major in memory
+                q_g = q[:, rows, cols].reshape(B, n_r, h, n_c, w, heads, head_dims).transpose(2, 3)
+                q_g = q_g.reshape(-1, h * w, heads, head_dims).transpose(1, 2)
+                k_g, v_g = (t[:, r0:r1, c0:c1].reshape(-1, kv_win * kv_win, heads, head_dims).transpose(1, 2)
+                            for t in (k, v))
+                out_g = rel_pos_attention(q_g, k_g, v_g, R_h[:h], R_w[:w])
+                out_g = out_g.transpose(1, 2).view(B, n_r, n_c, h, w, heads, head_dims)
+                out[:, rows, cols].view(B, n_r, h, n_c, w, heads, head_dims).copy_(out_g.transpose(2, 3))
+        return out
+
+
+def _window_spans(size: int, window: int) -> list[tuple[int, int, int]]:
+    """The windows along a side of ``size`` tokens as ``(first, stop, extent)`` runs: the full
+    windows, then the last one's ``size % window`` tokens, if any."""
+    spans = [(0, size // window, window)] if size >= window else []
+    if size % window:
+        spans.append((size // window, size // window + 1, size % window))
+    return spans
 
 
 # -- block -----------------------------------------------------------------------------------
