@@ -16,6 +16,7 @@ are in ``layers.py``.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -147,15 +148,12 @@ class PoolingAttention(nn.Module):
         self.rel_pos_w = nn.Parameter(torch.zeros(rel_pos_rows, head_dims))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.qkv.weight, self.qkv.bias
-        dims = weight.shape[0] // 3
         # q, k and v come from three products with the thirds of the qkv weights: each part is
         # then its own contiguous map, which its pooling and per-head norm read without the
         # copies that slices of one product cost (and, in training, without their backward).
-        q, k, v = (
-            norm(pool.pool_heads(F.linear(x, weight[i * dims:(i + 1) * dims], bias[i * dims:(i + 1) * dims])))
-            for i, (pool, norm) in enumerate(((self.pool_q, self.norm_q), (self.pool_k, self.norm_k),
-                                              (self.pool_v, self.norm_v))))
+        parts = zip(self.qkv.weight.chunk(3), self.qkv.bias.chunk(3), (self.pool_q, self.pool_k, self.pool_v),
+                    (self.norm_q, self.norm_k, self.norm_v))
+        q, k, v = (norm(pool.pool_heads(F.linear(x, w, b))) for w, b, pool, norm in parts)
         if self.window_size:
             out = self._windowed_attention(q, k, v)
         else:
@@ -185,29 +183,41 @@ class PoolingAttention(nn.Module):
         k, v = k.reshape(grid), v.reshape(grid)
         R_h = rel_pos_lookup(q_win, kv_win, self.rel_pos_h)
         R_w = rel_pos_lookup(q_win, kv_win, self.rel_pos_w)
+        rows, cols = _window_spans(H, q_win), _window_spans(W, q_win)
+        q_tiles = _tiles(q, [n * extent for n, extent in rows], [n * extent for n, extent in cols])
+        k_tiles, v_tiles = (_tiles(t, [n for n, _ in rows], [n for n, _ in cols]) for t in (k, v))
         out = q.new_empty(q.shape)
-        for r0, r1, h in _window_spans(H, q_win):
-            for c0, c1, w in _window_spans(W, q_win):
-                n_r, n_c = r1 - r0, c1 - c0
-                rows, cols = slice(r0 * q_win, r0 * q_win + n_r * h), slice(c0 * q_win, c0 * q_win + n_c * w)
-                # (windows, heads, h * w, head_dims), token-major in memory
-                q_g = q[:, rows, cols].reshape(B, n_r, h, n_c, w, heads, head_dims).transpose(2, 3)
-                q_g = q_g.reshape(-1, h * w, heads, head_dims).transpose(1, 2)
-                k_g, v_g = (t[:, r0:r1, c0:c1].reshape(-1, kv_win * kv_win, heads, head_dims).transpose(1, 2)
-                            for t in (k, v))
-                out_g = rel_pos_attention(q_g, k_g, v_g, R_h[:h], R_w[:w])
-                out_g = out_g.transpose(1, 2).view(B, n_r, n_c, h, w, heads, head_dims)
-                out[:, rows, cols].view(B, n_r, h, n_c, w, heads, head_dims).copy_(out_g.transpose(2, 3))
+        for i, j in itertools.product(range(len(rows)), range(len(cols))):
+            (n_r, h), (n_c, w) = rows[i], cols[j]
+            r0, c0 = i * rows[0][0] * q_win, j * cols[0][0] * q_win  # the tile's corner in the map
+            # (windows, heads, h * w, head_dims), token-major in memory
+            q_g = q_tiles[i][j].reshape(B, n_r, h, n_c, w, heads, head_dims).transpose(2, 3)
+            q_g = q_g.reshape(-1, h * w, heads, head_dims).transpose(1, 2)
+            k_g, v_g = (t[i][j].reshape(-1, kv_win * kv_win, heads, head_dims).transpose(1, 2)
+                        for t in (k_tiles, v_tiles))
+            out_g = rel_pos_attention(q_g, k_g, v_g, R_h[:h], R_w[:w])
+            out_g = out_g.transpose(1, 2).view(B, n_r, n_c, h, w, heads, head_dims).transpose(2, 3)
+            # written in place (a slice: a split's views may not be written under autograd)
+            out[:, r0:r0 + n_r * h, c0:c0 + n_c * w].view(out_g.shape).copy_(out_g)
         return out
 
 
-def _window_spans(size: int, window: int) -> list[tuple[int, int, int]]:
-    """The windows along a side of ``size`` tokens as ``(first, stop, extent)`` runs: the full
-    windows, then the last one's ``size % window`` tokens, if any."""
-    spans = [(0, size // window, window)] if size >= window else []
+def _window_spans(size: int, window: int) -> list[tuple[int, int]]:
+    """The windows along a side of ``size`` tokens as ``(count, extent)`` runs: the full
+    windows, then the last one, cut to ``size % window`` tokens, if any."""
+    spans = [(size // window, window)] if size >= window else []
     if size % window:
-        spans.append((size // window, size // window + 1, size % window))
+        spans.append((1, size % window))
     return spans
+
+
+def _tiles(x: torch.Tensor, row_sizes: Sequence[int], col_sizes: Sequence[int]) -> list[list[torch.Tensor]]:
+    """Views of ``x`` cut into ``row_sizes`` along dim 1 and ``col_sizes`` along dim 2.
+
+    Split, not sliced: in training the backward of a split is one concatenation, where each
+    slice's is a zero-filled copy of the whole map.
+    """
+    return [row.split(list(col_sizes), dim=2) for row in x.split(list(row_sizes), dim=1)]
 
 
 # -- block -----------------------------------------------------------------------------------
