@@ -126,6 +126,8 @@ def test_outputs_match_the_declared_contract(case, shape):
         outs = model(torch.randn(shape))
     check_maps(model, outs, shape)
     assert all(torch.isfinite(o).all() for o in outs)
+    # channels-last in memory, the layout the FPN's convolutions read without a copy
+    assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outs)
 
 
 @pytest.mark.parametrize('case', SMALL, ids=case_id)

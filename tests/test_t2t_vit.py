@@ -341,6 +341,45 @@ def test_performer_dropout_is_active_in_training_only():
         assert torch.equal(model.eval()(x)[2], model(x)[2])
 
 
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_performer_kernel_runs_in_float32_under_autocast(monkeypatch, dtype):
+    """Under autocast the performers' linear layers run in the autocast dtype, their kernel
+    arithmetic (features, key-value sums, normaliser) in float32: its exponentials overflow
+    and its 1e-8 vanishes in half precision."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mmpvt.models import t2t_vit
+
+    class Dtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.ops.append((func.overloadpacket.__name__, out.dtype))
+            return out
+
+    recorded = []
+    forward = t2t_vit.TokenPerformer.forward
+
+    def recording_forward(self, x):
+        with Dtypes() as mode:
+            out = forward(self, x)
+        recorded.append(mode.ops)
+        return out
+
+    monkeypatch.setattr(t2t_vit.TokenPerformer, 'forward', recording_forward)
+    with torch.no_grad(), torch.autocast('cpu', dtype):
+        out = small().eval()(torch.randn(1, 3, 64, 64))
+    assert len(recorded) == 2 and torch.isfinite(out[2]).all()
+    for ops in recorded:
+        assert {dt for op, dt in ops if op == 'addmm'} == {dtype}  # kqv, proj, the MLP
+        kernel = [dt for op, dt in ops if op in ('mm', 'bmm', 'exp', 'div')]
+        assert len(kernel) >= 8 and set(kernel) == {torch.float32}, ops
+
+
 # -- any input size -----------------------------------------------------------------------------
 def expected_sizes(h, w):
     """The four levels' sizes from the soft splits' arithmetic (unfold 7/4/2, 3/2/1, 3/2/1)."""
