@@ -241,17 +241,17 @@ def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, R_h: to
     """``softmax(q @ k.T / sqrt(head_dims) + decomposed_rel_pos) @ v`` for ``(N, heads, tokens, C)``
     operands (the ViTDet and MViTv2 attentions), ``R_h`` and ``R_w`` as in :func:`rel_pos_terms`.
 
-    Returns ``(N, heads, Nq, Cv)`` whose memory is ``(N, Nq, heads, Cv)``: transposed back,
-    it flattens into tokens without a copy. A step that needs gradients, or one off the
-    CPU, attends with the whole mask (:func:`masked_attention`); inference on the CPU builds
-    the mask in slices of about ``REL_POS_CHUNK_BYTES``: whole batch entries (windows) when
-    one fits, otherwise runs of query rows of one entry.
+    Returns ``(N, heads, Nq, Cv)``, in a layout that depends on the path: callers read it
+    through views. A step that needs gradients, or one off the CPU, attends with the whole
+    mask (:func:`masked_attention`; memory ``(N, heads, Nq, Cv)``); inference on the CPU
+    builds the mask in slices of about ``REL_POS_CHUNK_BYTES`` (whole batch entries, i.e.
+    windows, when one fits, otherwise runs of query rows of one entry) and writes each
+    slice's result into memory ``(N, Nq, heads, Cv)``, which flattens into tokens.
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, R_h, R_w))
     rel_h, rel_w = rel_pos_terms(q, R_h, R_w)
     if needs_grad or q.device.type != 'cpu':
-        out = masked_attention(q, k, v, _rel_pos_mask(rel_h, rel_w), dropout_p)
-        return out.transpose(1, 2).contiguous().transpose(1, 2)
+        return masked_attention(q, k, v, _rel_pos_mask(rel_h, rel_w), dropout_p)
     n, heads, nq, _ = q.shape
     q_h, q_w = R_h.shape[0], R_w.shape[0]
     out = q.new_empty(n, nq, heads, v.shape[-1]).transpose(1, 2)

@@ -161,7 +161,7 @@ class PoolingAttention(nn.Module):
             R_h, R_w = rel_pos_lookup(q_h, k_h, self.rel_pos_h), rel_pos_lookup(q_w, k_w, self.rel_pos_w)
             # (B, heads, tokens, head_dims) views of the maps
             out = rel_pos_attention(*(t.flatten(1, 2).transpose(1, 2) for t in (q, k, v)), R_h, R_w)
-            out = out.transpose(1, 2).view(q.shape)
+            out = out.transpose(1, 2).unflatten(1, (q_h, q_w))  # a view, whatever the layout
         # residual pooling
         return self.proj((out + q).flatten(-2))
 
@@ -190,13 +190,14 @@ class PoolingAttention(nn.Module):
         for i, j in itertools.product(range(len(rows)), range(len(cols))):
             (n_r, h), (n_c, w) = rows[i], cols[j]
             r0, c0 = i * rows[0][0] * q_win, j * cols[0][0] * q_win  # the tile's corner in the map
-            # (windows, heads, h * w, head_dims), token-major in memory
-            q_g = q_tiles[i][j].reshape(B, n_r, h, n_c, w, heads, head_dims).transpose(2, 3)
-            q_g = q_g.reshape(-1, h * w, heads, head_dims).transpose(1, 2)
+            # (windows, heads, h * w, head_dims) in one copy, heads-major as the products read it
+            q_g = q_tiles[i][j].unflatten(1, (n_r, h)).unflatten(3, (n_c, w)).permute(0, 1, 3, 5, 2, 4, 6)
+            q_g = q_g.reshape(-1, heads, h * w, head_dims)
             k_g, v_g = (t[i][j].reshape(-1, kv_win * kv_win, heads, head_dims).transpose(1, 2)
                         for t in (k_tiles, v_tiles))
             out_g = rel_pos_attention(q_g, k_g, v_g, R_h[:h], R_w[:w])
-            out_g = out_g.transpose(1, 2).view(B, n_r, n_c, h, w, heads, head_dims).transpose(2, 3)
+            # (B, n_r, h, n_c, w, heads, head_dims) views, whatever the layout
+            out_g = out_g.unflatten(0, (B, n_r, n_c)).unflatten(4, (h, w)).permute(0, 1, 4, 2, 5, 3, 6)
             # written in place (a slice: a split's views may not be written under autograd)
             out[:, r0:r0 + n_r * h, c0:c0 + n_c * w].view(out_g.shape).copy_(out_g)
         return out
