@@ -465,8 +465,10 @@ def test_rel_pos_attention_in_mask_slices_equals_the_whole_mask(monkeypatch, chu
 def test_rel_pos_mask_is_the_outer_sum_rounded_once(dtype):
     """In reduced precision the mask is a matrix product with a 0/1 matrix (faster on the
     CPU than the broadcast add); each entry is still the sum of its two terms, rounded once."""
-    from mmpvt.models.layers import _rel_pos_mask
+    from mmpvt.models.layers import _rel_pos_mask, _rel_pos_spread
     rel_h, rel_w = torch.randn(2, 3, 5, 7, 4).to(dtype), torch.randn(2, 3, 5, 7, 6).to(dtype)
     exact = rel_h.double()[..., :, None] + rel_w.double()[..., None, :]
     ref = exact.to(dtype).flatten(-4, -3).flatten(-2, -1)
-    torch.testing.assert_close(_rel_pos_mask(rel_h, rel_w), ref, rtol=0, atol=0)
+    spread = _rel_pos_spread(rel_h, rel_w)
+    assert (spread is None) == (dtype == torch.float32)  # the product path in reduced precision
+    torch.testing.assert_close(_rel_pos_mask(rel_h, rel_w, spread), ref, rtol=0, atol=0)

@@ -200,20 +200,28 @@ def rel_pos_terms(q: torch.Tensor, R_h: torch.Tensor, R_w: torch.Tensor) -> tupl
     return rel_h, rel_w
 
 
-def _rel_pos_mask(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
-    """``(..., q_h * q_w, k_h * k_w)``: every query's term for every key, from the factors.
+def _rel_pos_spread(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor | None:
+    """The 0/1 matrix that spreads the two factors over the keys, ``(k_h + k_w, k_h * k_w)``,
+    where :func:`_rel_pos_mask` builds the mask as a product; None where it adds.
 
-    The outer sum is a broadcast add, except in bfloat16 and float16 on the CPU: there it is
-    the product of the two factors side by side with a 0/1 matrix, which the reduced-precision
-    matrix units compute 3-8 times faster than the broadcast add (MViTv2-T's blocks at
-    800x1344). Each output is one term plus the other, rounded once: the same values.
+    The outer sum is a broadcast add, except in bfloat16 and float16 on the CPU: there the
+    reduced-precision matrix units compute the product of the two factors side by side with
+    this matrix 3-8 times faster than the broadcast add (MViTv2-T's blocks at 800x1344). Each
+    output is one term plus the other, rounded once: the same values.
     """
+    if rel_h.device.type != 'cpu' or rel_h.dtype not in (torch.bfloat16, torch.float16):
+        return None
     k_h, k_w = rel_h.shape[-1], rel_w.shape[-1]
-    if rel_h.device.type == 'cpu' and rel_h.dtype in (torch.bfloat16, torch.float16):
-        eye_h = torch.eye(k_h, dtype=rel_h.dtype, device=rel_h.device)
-        eye_w = torch.eye(k_w, dtype=rel_h.dtype, device=rel_h.device)
-        # row m of the first block is 1 at every key (m, .); row n of the second at (., n)
-        spread = torch.cat([eye_h.repeat_interleave(k_w, dim=1), eye_w.repeat(1, k_h)])
+    eye_h = torch.eye(k_h, dtype=rel_h.dtype, device=rel_h.device)
+    eye_w = torch.eye(k_w, dtype=rel_h.dtype, device=rel_h.device)
+    # row m of the first block is 1 at every key (m, .); row n of the second at (., n)
+    return torch.cat([eye_h.repeat_interleave(k_w, dim=1), eye_w.repeat(1, k_h)])
+
+
+def _rel_pos_mask(rel_h: torch.Tensor, rel_w: torch.Tensor, spread: torch.Tensor | None) -> torch.Tensor:
+    """``(..., q_h * q_w, k_h * k_w)``: every query's term for every key, from the factors,
+    with :func:`_rel_pos_spread`'s matrix (made once per attention)."""
+    if spread is not None:
         return (torch.cat([rel_h, rel_w], dim=-1) @ spread).flatten(-3, -2)
     return (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-4, -3).flatten(-2, -1)
 
@@ -225,7 +233,8 @@ def decomposed_rel_pos(q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torc
     of ``scaled_dot_product_attention``)."""
     (q_h, q_w), (k_h, k_w) = q_hw, k_hw
     R_h, R_w = rel_pos_lookup(q_h, k_h, rel_pos_h), rel_pos_lookup(q_w, k_w, rel_pos_w)
-    return _rel_pos_mask(*rel_pos_terms(q, R_h, R_w))
+    rel_h, rel_w = rel_pos_terms(q, R_h, R_w)
+    return _rel_pos_mask(rel_h, rel_w, _rel_pos_spread(rel_h, rel_w))
 
 
 # Inference on the CPU builds the relative-position mask for a slice of the queries at a
@@ -250,8 +259,9 @@ def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, R_h: to
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, R_h, R_w))
     rel_h, rel_w = rel_pos_terms(q, R_h, R_w)
+    spread = _rel_pos_spread(rel_h, rel_w)
     if needs_grad or q.device.type != 'cpu':
-        return masked_attention(q, k, v, _rel_pos_mask(rel_h, rel_w), dropout_p)
+        return masked_attention(q, k, v, _rel_pos_mask(rel_h, rel_w, spread), dropout_p)
     n, heads, nq, _ = q.shape
     q_h, q_w = R_h.shape[0], R_w.shape[0]
     out = q.new_empty(n, nq, heads, v.shape[-1]).transpose(1, 2)
@@ -261,13 +271,13 @@ def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, R_h: to
         step = rows // q_h
         for i in range(0, n, step):
             b = slice(i, i + step)
-            mask = _rel_pos_mask(rel_h[b], rel_w[b])
+            mask = _rel_pos_mask(rel_h[b], rel_w[b], spread)
             out[b] = F.scaled_dot_product_attention(q[b], k[b], v[b], attn_mask=mask, dropout_p=dropout_p)
         return out
     for i in range(n):
         for r in range(0, q_h, rows):
             t = slice(r * q_w, (r + rows) * q_w)
-            mask = _rel_pos_mask(rel_h[i, :, r:r + rows], rel_w[i, :, r:r + rows])
+            mask = _rel_pos_mask(rel_h[i, :, r:r + rows], rel_w[i, :, r:r + rows], spread)
             out[i, :, t] = F.scaled_dot_product_attention(q[i, :, t], k[i], v[i], attn_mask=mask,
                                                           dropout_p=dropout_p)
     return out
