@@ -61,7 +61,10 @@ def init_linear_and_norm(m: nn.Module) -> bool:
 
 def nlc_to_nchw(x: torch.Tensor, hw: Sequence[int]) -> torch.Tensor:
     """Views a ``(B, H*W, C)`` token sequence as a ``(B, C, H, W)`` map (channels-last)."""
-    return x.transpose(1, 2).unflatten(2, (hw[0], hw[1]))
+    # Split, then permuted: unflattening the transposed view instead recomputes the stride of
+    # a size-one batch dimension, and PyTorch then no longer recognises a one-image map as
+    # channels-last (convolutions and pooling on it wrote NCHW maps).
+    return x.unflatten(1, (hw[0], hw[1])).permute(0, 3, 1, 2)
 
 
 def nchw_to_nlc(x: torch.Tensor) -> torch.Tensor:

@@ -505,12 +505,6 @@ class T2TViT(DenseBackbone):
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         x = nlc_to_nchw(self.norm(x[:, 0, NUM_PREFIX_TOKENS:]), hw)
-        if x.shape[0] == 1:
-            # The norm of a one-image batch of sliced tokens may return any stride on the
-            # batch dimension; PyTorch then no longer recognises the map as channels-last and
-            # the deconvolution and max-pool of levels 1 and 3 write NCHW maps. A size-one
-            # dimension's stride addresses nothing: set it to the channels-last one.
-            x = x.as_strided(x.shape, (x.numel(), *x.stride()[1:]))
         return tuple(pyramid_level(self, i, x) for i in self.out_indices)
 
     def _pos_embed(self, hw: HW) -> torch.Tensor:
