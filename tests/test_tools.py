@@ -225,6 +225,10 @@ def test_amp_is_refused_where_it_cannot_run(monkeypatch):
     monkeypatch.setattr('mmpvt.apis.amp.torch.cpu._is_avx512_bf16_supported', lambda: False, raising=False)
     with pytest.raises(LaunchError, match='--amp needs a CUDA device or a CPU with bfloat16 units'):
         enable_amp(load_config(CONFIGS['retinanet']))
+    # checked for a Slurm job on the node that submits it: the job's own nodes decide
+    cfg = load_config(CONFIGS['retinanet'])
+    enable_amp(cfg, here=False)
+    assert cfg.optim_wrapper.get('type', 'OptimWrapper') == 'OptimWrapper'
 
 
 # -- analysis tools -------------------------------------------------------------------------------

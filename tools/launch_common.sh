@@ -62,7 +62,8 @@ run_srun() {
   local partition=$1 job_name=$2 script=$3
   shift 3
   # The checks once, here, rather than in every task: one error, and no job queued for it.
-  "$PYTHON" "$ROOT/tools/$script" "$@" --check-only >/dev/null || exit 1
+  # --launcher=slurm: checks of what the job's nodes decide themselves (their GPUs) are left to them.
+  "$PYTHON" "$ROOT/tools/$script" "$@" --launcher=slurm --check-only >/dev/null || exit 1
   GPUS=${GPUS:-8}
   GPUS_PER_NODE=${GPUS_PER_NODE:-$((GPUS < 8 ? GPUS : 8))}
   CPUS_PER_TASK=${CPUS_PER_TASK:-5}

@@ -34,8 +34,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     cfg = apis.load_run_config(args)
-    if args.amp:
-        apis.enable_amp(cfg)
+    if args.amp:  # checked for a Slurm job on the submitting node: the job's nodes have their own hardware
+        apis.enable_amp(cfg, here=not (args.check_only and args.launcher == 'slurm'))
     if args.auto_scale_lr:
         apis.enable_auto_scale_lr(cfg)
     apis.apply_resume(cfg, args.resume)

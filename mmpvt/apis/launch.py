@@ -157,8 +157,12 @@ def is_main_process() -> bool:
 
 
 # -- train / test options ------------------------------------------------------------------------
-def enable_amp(cfg: Config) -> None:
-    """Mixed precision: float16 with loss scaling on CUDA, bfloat16 autocast on a capable CPU."""
+def enable_amp(cfg: Config, here: bool = True) -> None:
+    """Mixed precision: float16 with loss scaling on CUDA, bfloat16 autocast on a capable CPU.
+
+    ``here=False``: the run goes to other machines (a Slurm job checked on the node that submits
+    it), whose hardware decides when the job starts; a machine here without either is no error.
+    """
     import torch
 
     from .amp import cpu_has_fast_bf16
@@ -170,7 +174,7 @@ def enable_amp(cfg: Config) -> None:
     elif cpu_has_fast_bf16():
         cfg.optim_wrapper.type = 'CPUAmpOptimWrapper'
         print('mmpvt: no CUDA: --amp runs the forward passes in bfloat16 on the CPU', flush=True)
-    else:
+    elif here:
         raise LaunchError('--amp needs a CUDA device or a CPU with bfloat16 units (AMX or AVX512-BF16); '
                           'this machine has neither: run without --amp')
 
