@@ -1,20 +1,13 @@
 #!/usr/bin/env bash
-# Checks a GPU machine in one command: the `cuda` tests, then the backbone harness on CUDA
-# (PVTv2-b2 against mmdet's and timm's, ViTDet-B against timm's), within 8 minutes on one GPU
-# once the venv exists:
-#     bash tools/device_check.sh [--dry-run] [--budget SECONDS] [--repeat N] [--warmup N]
-# Creates .venv with tools/setup_env.sh when it is missing and reuses it when present
-# (PYTHON=... runs another interpreter instead). Writes one Markdown file (the tables, then
+# Checks a GPU machine in one command: the setup (mmcv's CUDA ops for its GPU; offline from a
+# wheelhouse), the `cuda` tests, a user's day with the zoo's detectors, the backbone harness:
+#     bash tools/device_check.sh [--wheelhouse DIR] [--setup-only | --skip-setup] [--dry-run]
+#                                [--budget SECONDS] [--repeat N] [--warmup N]
+# PYTHON (default python3) is the machine's interpreter: the setup makes the venv ($VENV,
+# default .venv) from it, reusing its CUDA torch. Writes one Markdown file (the tables, then
 # the raw log) under $OUT (default work_dirs/device_check/) and prints the tables at the end.
-# --dry-run lists every command and what it measures, and runs none. The logic is in
-# tools/analysis/device_check.py (standard library only: it runs before the venv exists).
+# The logic is in tools/analysis/device_check.py (standard library only: it runs before the
+# venv exists).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [ -n "${PYTHON:-}" ]; then
-  RUNNER=$PYTHON
-elif [ -x "$ROOT/.venv/bin/python" ]; then
-  RUNNER=$ROOT/.venv/bin/python
-else
-  RUNNER=python3
-fi
-exec "$RUNNER" "$ROOT/tools/analysis/device_check.py" "$@"
+exec "${PYTHON:-python3}" "$ROOT/tools/analysis/device_check.py" "$@"
