@@ -3,6 +3,6 @@
 _base_ = './_base_/cascade_mask_rcnn_mvitv2_lsj.py'
 
 model = dict(
-    backbone=dict(arch='huge', drop_path_rate=0.6, with_cp=True, init_cfg=dict(
+    backbone=dict(arch='huge', with_cp=True, init_cfg=dict(
         checkpoint='https://dl.fbaipublicfiles.com/mvit/mvitv2_models/MViTv2_H_in21k.pyth')),
     neck=dict(in_channels=[192, 384, 768, 1536]))

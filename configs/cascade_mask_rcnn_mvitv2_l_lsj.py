@@ -3,7 +3,7 @@
 _base_ = './_base_/cascade_mask_rcnn_mvitv2_lsj.py'
 
 model = dict(
-    backbone=dict(arch='large', drop_path_rate=0.5, init_cfg=dict(
+    backbone=dict(arch='large', init_cfg=dict(
         checkpoint='https://dl.fbaipublicfiles.com/mvit/mvitv2_models/MViTv2_L_in21k.pyth')),
     neck=dict(in_channels=[144, 288, 576, 1152]))
 optim_wrapper = dict(optimizer=dict(lr=1e-4))

@@ -255,7 +255,10 @@ def test_bad_levels_and_stages_are_refused(cls):
     arch = SMALL_ARCHS[cls.__name__][0]
     levels = cls(arch=arch).num_levels
     for out_indices, message in [((), 'at least one'), ((0, levels), rf'in \[0, {levels - 1}\]'),
-                                 ((1, 1), 'distinct'), ((-1,), 'distinct')]:
+                                 ((1, 1), 'distinct'), ((-1,), 'distinct'),
+                                 # taken silently as its keys before: refused for what it is
+                                 ({0: 'p2', 1: 'p3'}, 'an int or a sequence of stage indices.*got dict'),
+                                 ({0, 1}, 'got set'), ('01', 'got str')]:
         with pytest.raises(ValueError, match=message):
             cls(arch=arch, out_indices=out_indices)
     stages = cls(arch=arch).num_stages

@@ -7,27 +7,32 @@ The one-batch runs use PVTv2-b0 / PVT-Tiny backbones and images scaled down 8x.
 """
 from __future__ import annotations
 
-import copy
-import importlib.metadata
-import importlib.util
-import json
-import math
+import re
 import urllib.error
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 import torch
 import yaml
-from mmengine.config import Config, ConfigDict
-from mmengine.evaluator import Evaluator
+from mmengine.config import Config
 from mmengine.registry import init_default_scope
 from mmengine.runner import Runner
+from zoo import (
+    CONFIGS,
+    backbone_of,
+    build_model,
+    count_params,
+    cpu_sized,
+    detector_trains_and_predicts,
+    drop_path_of,
+    load,
+    segmentor_trains_and_predicts,
+    set_data_root,
+    walk,
+)
 
 import mmpvt  # noqa: F401  (registers PVT and PVTv2)
 
-CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 RELEASE = 'https://github.com/whai362/PVT/releases/download/v2/'
 
 # tag: (type, arch, release file)
@@ -92,117 +97,10 @@ OTHER_FAMILIES = sorted([
 ])
 
 
-# -- helpers ------------------------------------------------------------------------------------
-@pytest.fixture(scope='session', autouse=True)
-def _package_bases_without_pkg_resources():
-    """Lets mmengine resolve ``mmdet::`` / ``mmseg::`` bases when setuptools lacks pkg_resources.
-
-    mmengine 0.10.7 finds installed packages through ``pkg_resources``, which recent setuptools
-    (>= 81) no longer ships. The stand-ins answer the same questions from importlib.metadata,
-    as tools/train.py and tools/test.py do; nothing changes where pkg_resources exists.
-    """
-    if importlib.util.find_spec('pkg_resources') is not None:
-        yield
-        return
-    import mmengine.config.config as config_module
-
-    def is_installed(package: str) -> bool:
-        try:
-            importlib.metadata.distribution(package)
-            return True
-        except importlib.metadata.PackageNotFoundError:
-            return importlib.util.find_spec(package) is not None
-
-    def get_installed_path(package: str) -> str:
-        dist = importlib.metadata.distribution(package)
-        module = (dist.read_text('top_level.txt') or package).split()[0]
-        return str(dist.locate_file(module))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(config_module, 'is_installed', is_installed)
-        mp.setattr(config_module, 'get_installed_path', get_installed_path)
-        yield
-
-
-@pytest.fixture
-def fast_init(monkeypatch):
-    """Skips what dominates building and initialising models on a CPU and changes no shape:
-    truncated-normal draws, and mmengine's bookkeeping of which initialiser touched what."""
-    import mmengine.model.base_module
-    import mmengine.model.weight_init
-
-    monkeypatch.setattr(torch.nn.init, 'trunc_normal_', lambda tensor, *args, **kwargs: tensor)
-    for module in (mmengine.model.base_module, mmengine.model.weight_init):
-        monkeypatch.setattr(module, 'update_init_info', lambda *args, **kwargs: None)
-
-
-_LOADED: dict[str, Config] = {}
-
-
-def load(name: str) -> Config:
-    """A fresh copy of configs/<name> (each file is parsed once per session)."""
-    if name not in _LOADED:
-        _LOADED[name] = Config.fromfile(str(CONFIGS / name))
-    return copy.deepcopy(_LOADED[name])
-
-
-def registry(cfg: Config):
-    init_default_scope(cfg.default_scope)
-    if cfg.default_scope == 'mmseg':
-        from mmseg.registry import MODELS
-    else:
-        from mmdet.registry import MODELS
-    return MODELS
-
-
-def build_model(cfg: Config) -> torch.nn.Module:
-    return registry(cfg).build(cfg.model)
-
-
-def count_params(model: torch.nn.Module) -> float:
-    return round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
-
-
 def tag_of(name: str) -> str:
     """The backbone tag in a config name: retinanet_pvt_v2_b2_li.py -> pvt_v2_b2_li."""
     stem = name.removesuffix('.py').removesuffix('_3x').removesuffix('_ade20k')
     return max((t for t in BACKBONES if stem.endswith('_' + t)), key=len)
-
-
-def walk(node, visit):
-    """Calls ``visit`` on every dict inside nested dicts and lists."""
-    if isinstance(node, dict):
-        visit(node)
-        for value in node.values():
-            walk(value, visit)
-    elif isinstance(node, (list, tuple)):
-        for value in node:
-            walk(value, visit)
-
-
-def set_data_root(cfg: Config, root: Path) -> None:
-    """Applies the --cfg-options that configs/README.md gives for a dataset elsewhere."""
-    root = f'{root}/'
-    options = {f'{split}_dataloader.dataset.data_root': root for split in ('train', 'val', 'test')}
-    if cfg.default_scope == 'mmdet':
-        options.update({f'{split}_evaluator.ann_file': root + 'annotations/instances_val2017.json'
-                        for split in ('val', 'test')})
-    cfg.merge_from_dict(options)
-
-
-def shrink(node, factor: int = 8) -> None:
-    """Divides every resize scale and crop size in a pipeline (or data preprocessor) by factor."""
-    def small(size):
-        return tuple(max(1, round(s / factor)) for s in size)
-
-    def visit(d):
-        for key in ('scale', 'crop_size', 'size'):
-            if isinstance(d.get(key), (tuple, list)) and all(isinstance(s, int) for s in d[key]):
-                d[key] = small(d[key])
-        if isinstance(d.get('scales'), list):
-            d['scales'] = [small(s) for s in d['scales']]
-
-    walk(node, visit)
 
 
 def to_small_backbone(cfg: Config) -> None:
@@ -227,59 +125,6 @@ def to_small_backbone(cfg: Config) -> None:
     walk(cfg.model, no_sync_bn)
 
 
-# -- the fake datasets ---------------------------------------------------------------------------
-IMAGE_HW = (120, 160)
-
-
-def _image(rng: np.random.Generator) -> np.ndarray:
-    return rng.integers(0, 256, (*IMAGE_HW, 3), dtype=np.uint8)
-
-
-@pytest.fixture(scope='session')
-def coco_root(tmp_path_factory) -> Path:
-    """data/coco with train2017 (3 images), val2017 (2) and instances_*.json, boxes and polygons."""
-    from mmdet.datasets import CocoDataset
-
-    root = tmp_path_factory.mktemp('coco')
-    (root / 'annotations').mkdir()
-    rng = np.random.default_rng(0)
-    categories = [dict(id=i + 1, name=name) for i, name in enumerate(CocoDataset.METAINFO['classes'])]
-    for split, num_images in (('train2017', 3), ('val2017', 2)):
-        (root / split).mkdir()
-        images, annotations = [], []
-        for i in range(num_images):
-            name = f'{i + 1:012d}.jpg'
-            cv2.imwrite(str(root / split / name), _image(rng))
-            images.append(dict(id=i + 1, file_name=name, height=IMAGE_HW[0], width=IMAGE_HW[1]))
-            for j, (x, y, w, h) in enumerate([(10, 20, 60, 50), (80, 30, 50, 70)]):
-                polygon = [x, y, x + w, y, x + w, y + h, x + w // 2, y + h - 10, x, y + h]
-                annotations.append(dict(
-                    id=len(annotations) + 1, image_id=i + 1, category_id=1 + (i + j) % 3,
-                    bbox=[x, y, w, h], area=float(w * h) * 0.9, iscrowd=0, segmentation=[polygon]))
-        with open(root / 'annotations' / f'instances_{split}.json', 'w') as f:
-            json.dump(dict(images=images, annotations=annotations, categories=categories), f)
-    return root
-
-
-@pytest.fixture(scope='session')
-def ade_root(tmp_path_factory) -> Path:
-    """ADEChallengeData2016 with images/ and annotations/ (labels 0..150, 0 ignored)."""
-    root = tmp_path_factory.mktemp('ade') / 'ADEChallengeData2016'
-    rng = np.random.default_rng(0)
-    for split, num_images in (('training', 3), ('validation', 2)):
-        (root / 'images' / split).mkdir(parents=True)
-        (root / 'annotations' / split).mkdir(parents=True)
-        for i in range(num_images):
-            stem = f'ADE_{split[:5]}_{i + 1:08d}'
-            cv2.imwrite(str(root / 'images' / split / f'{stem}.jpg'), _image(rng))
-            label = np.zeros(IMAGE_HW, dtype=np.uint8)  # 0: "other", ignored
-            label[10:70, 20:90] = 1 + i
-            label[60:110, 80:150] = 150
-            label[:, :10] = rng.integers(0, 151, (IMAGE_HW[0], 10))
-            cv2.imwrite(str(root / 'annotations' / split / f'{stem}.png'), label)
-    return root
-
-
 # -- the zoo is complete ------------------------------------------------------------------------
 def test_the_zoo_has_every_published_config():
     present = sorted(p.name for p in CONFIGS.glob('*.py'))
@@ -296,7 +141,7 @@ def test_config_loads_with_the_release_backbone(name):
     assert (backbone.type, backbone.arch) == (typ, arch)
     assert backbone.init_cfg == dict(type='Pretrained', checkpoint=f'{RELEASE}{release}.pth')
     expected_drop_path = 0.0 if tag_of(name) in NO_DROP_PATH and 'ade20k' not in name else 0.1
-    assert backbone.drop_path_rate == expected_drop_path
+    assert drop_path_of(backbone_of(cfg)) == pytest.approx(expected_drop_path)
     assert 'pretrained' not in cfg.model or cfg.model.pretrained is None
     # Standard layouts, so that a dataset elsewhere is only a data_root away.
     if cfg.default_scope == 'mmdet':
@@ -438,29 +283,6 @@ def test_an_unreachable_url_names_itself_and_the_override(tmp_path, monkeypatch,
     assert '--cfg-options model.backbone.init_cfg=None' in str(info.value)
 
 
-# -- one batch through each method, on the real dataset layouts ----------------------------------
-def cpu_sized(cfg: Config) -> None:
-    """Images 8x smaller, data loaded in the process, fewer proposals and sampled RoIs: the same
-    computation as the config's, a CPU-sized amount of it. Every family's one-batch tests use it."""
-    for key in ('train_dataloader', 'val_dataloader'):
-        shrink(cfg[key].dataset.pipeline)
-        cfg[key].update(num_workers=0, persistent_workers=False)
-        cfg[key].dataset.serialize_data = False  # its gc.collect() costs more than the test
-    shrink(cfg.model.data_preprocessor)  # training pads: the 512 crops', LSJ's 1024 square
-
-    def fewer_boxes(d):
-        if d.get('type') == 'RandomSampler':
-            d['num'] = 64
-        if 'max_per_img' in d:
-            d['max_per_img'] = min(d['max_per_img'], 100)
-        if 'nms_pre' in d:
-            d['nms_pre'] = min(d['nms_pre'], 200)
-        if 'score_thr' in d:
-            d['score_thr'] = 0.0  # an untrained head scores below the published threshold
-
-    walk([cfg.model.get('train_cfg', {}), cfg.model.get('test_cfg', {})], fewer_boxes)
-
-
 def prepare(name: str, root: Path) -> Config:
     cfg = load(name)
     set_data_root(cfg, root)
@@ -471,25 +293,6 @@ def prepare(name: str, root: Path) -> Config:
     if 'num_proposals' in cfg.model.get('rpn_head', {}):
         cfg.model.rpn_head.num_proposals = 100
     return cfg
-
-
-def first_batch(dataloader_cfg: ConfigDict, batch_size: int) -> dict:
-    loader = Runner.build_dataloader(dict(copy.deepcopy(dataloader_cfg), batch_size=batch_size))
-    return next(iter(loader))
-
-
-def check_finite_losses(model, batch) -> None:
-    model.train()
-    data = model.data_preprocessor(batch, True)
-    losses = model(**data, mode='loss')
-    total, log_vars = model.parse_losses(losses)
-    assert torch.isfinite(total), log_vars
-    assert all(math.isfinite(v) for v in log_vars.values()), log_vars
-    # Gradients for the backbone only: the heads' weight gradients are most of the cost.
-    params = [p for p in model.backbone.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(total, params, allow_unused=True)
-    assert all(g is None or torch.isfinite(g).all() for g in grads)
-    assert any(g is not None and g.abs().sum() > 0 for g in grads), 'no gradient reaches the backbone'
 
 
 DETECTION_FAMILIES = [
@@ -505,58 +308,6 @@ DETECTION_FAMILIES = [
     ('detr_pvt_s.py', False),
     ('deformable_detr_pvt_v2_b2.py', False),
 ]
-
-
-def detector_trains_and_predicts(cfg: Config, with_masks: bool) -> None:
-    """One batch of loss (finite, reaching the backbone) and of predictions, evaluated."""
-    model = build_model(cfg)
-    model.init_weights()  # init_cfg is None: no download
-
-    check_finite_losses(model, first_batch(cfg.train_dataloader, 2))
-
-    model.eval()
-    batch = first_batch(cfg.val_dataloader, 2)
-    with torch.no_grad():
-        outputs = model.val_step(batch)
-    assert len(outputs) == 2
-    for sample in outputs:
-        pred = sample.pred_instances
-        n = len(pred)
-        assert n > 0
-        assert pred.bboxes.shape == (n, 4) and pred.scores.shape == (n,) and pred.labels.shape == (n,)
-        assert torch.isfinite(pred.bboxes).all() and ((pred.labels >= 0) & (pred.labels < 80)).all()
-        assert sample.ori_shape == IMAGE_HW
-        if with_masks:
-            assert pred.masks.shape == (n, *IMAGE_HW)
-    evaluator = Evaluator(cfg.val_evaluator)
-    evaluator.dataset_meta = Runner.build_dataloader(cfg.val_dataloader).dataset.metainfo
-    evaluator.process(outputs, batch)
-    metrics = evaluator.evaluate(2)
-    assert 'coco/bbox_mAP' in metrics and ('coco/segm_mAP' in metrics) == with_masks
-
-
-def segmentor_trains_and_predicts(cfg: Config) -> None:
-    """One batch of loss (labels reduced to 0..149 or ignored) and of prediction, evaluated."""
-    model = build_model(cfg)
-    model.init_weights()
-
-    batch = first_batch(cfg.train_dataloader, 2)
-    for sample in batch['data_samples']:
-        labels = sample.gt_sem_seg.data.unique()
-        assert ((labels < 150) | (labels == 255)).all()  # 1..150 became 0..149, 0 the ignore index
-    check_finite_losses(model, batch)
-
-    model.eval()
-    batch = first_batch(cfg.val_dataloader, 1)
-    with torch.no_grad():
-        (sample,) = model.val_step(batch)
-    seg = sample.pred_sem_seg.data
-    assert seg.shape == (1, *IMAGE_HW)  # back at the original size, padding removed
-    assert ((seg >= 0) & (seg < 150)).all()
-    evaluator = Evaluator(cfg.val_evaluator)
-    evaluator.dataset_meta = Runner.build_dataloader(cfg.val_dataloader).dataset.metainfo
-    evaluator.process([sample], batch)
-    assert 'mIoU' in evaluator.evaluate(1)
 
 
 @pytest.mark.parametrize('name, with_masks', DETECTION_FAMILIES)
@@ -612,3 +363,79 @@ def test_readme_and_metafile_list_every_config():
         if name in COUNTED:
             assert model['Metadata']['Parameters (M)'] == COUNTED[name]
         assert bool(model.get('Results')) == (name not in UNPUBLISHED), name
+
+
+# -- one source for each default: the variant tables ----------------------------------------------
+FAMILY_BASES = ['pvt.py', 'mvitv2.py', 'vitdet.py', 't2t_vit.py']
+VARIANT_DEFAULTS = ('drop_path_rate', 'window_size')
+
+
+def family_class(name: str):
+    from mmpvt.registry import MODELS
+    return MODELS.get(name)
+
+
+@pytest.mark.parametrize('base', FAMILY_BASES)
+def test_family_blocks_leave_the_variant_defaults_to_the_table(base):
+    """configs/_base_/<family>.py names no drop path or window: a config that changes only the
+    arch gets that variant's (a pinned 0.2 trained MViTv2-B, whose rate is 0.4, at 0.2)."""
+    block = Config.fromfile(str(CONFIGS / '_base_' / base))
+    backbone = block[base.removesuffix('.py')].backbone
+    assert not set(VARIANT_DEFAULTS) & set(backbone), (base, dict(backbone))
+
+
+@pytest.mark.parametrize('name', sorted(EXPECTED + OTHER_FAMILIES))
+def test_every_config_trains_with_its_variants_stochastic_depth(name):
+    """The rate the built backbone trains with is the variant table's, or what the config
+    itself says (PVT-M/L detectors: none, as released)."""
+    cfg = load(name)
+    backbone = cfg.model.backbone
+    built = backbone_of(cfg)
+    table = built.arch_settings['drop_path_rate']
+    expected = backbone.get('drop_path_rate', table)
+    assert drop_path_of(built) == pytest.approx(expected), (name, table)
+    if 'drop_path_rate' in backbone:
+        assert expected != table, f'{name} restates its variant\'s drop path ({table})'
+    if hasattr(built, 'window_size'):
+        assert built.window_size == backbone.get('window_size', built.arch_settings['window_size'])
+
+
+@pytest.mark.parametrize('spec, drop_path, window', [
+    # detectron2's COCO values and the ViTDet paper's, stated here independently of the tables
+    (dict(type='MViTv2', arch='base'), 0.4, 56), (dict(type='MViTv2', arch='huge'), 0.6, 56),
+    (dict(type='MViTv2', arch='tiny'), 0.2, 56), (dict(type='ViTDet', arch='large'), 0.4, 14),
+    (dict(type='ViTDet', arch='huge'), 0.5, 14), (dict(type='ViTDet', arch='base'), 0.1, 14),
+    (dict(type='PVTv2', arch='b2'), 0.1, None), (dict(type='T2TViT', arch='14'), 0.1, None),
+])
+def test_a_backbone_naming_only_its_arch_gets_the_papers_defaults(spec, drop_path, window):
+    built = backbone_of(Config(dict(model=dict(backbone=spec))))
+    assert drop_path_of(built) == pytest.approx(drop_path)
+    assert getattr(built, 'window_size', None) == window
+
+
+def release_of(backbone) -> str | None:
+    """The variant table's release URL for a config's backbone."""
+    return family_class(backbone.type).arch_zoo[backbone.arch].get('pretrained')
+
+
+@pytest.mark.parametrize('name', sorted(EXPECTED + OTHER_FAMILIES))
+def test_configs_load_the_release_their_variant_table_names(name):
+    backbone = load(name).model.backbone
+    assert backbone.init_cfg == dict(type='Pretrained', checkpoint=release_of(backbone))
+
+
+def test_metafile_and_readme_give_the_variant_tables_release_urls():
+    meta = yaml.safe_load((CONFIGS / 'metafile.yml').read_text())
+    for model in meta['Models']:
+        backbone = load(Path(model['Config']).name).model.backbone
+        assert model['Metadata']['Pretrained'] == release_of(backbone), model['Name']
+    releases = {url for cls in ('PVT', 'PVTv2', 'MViTv2', 'ViTDet', 'T2TViT')
+                for variant in family_class(cls).arch_zoo.values() if (url := variant.get('pretrained'))}
+    readme = (CONFIGS / 'README.md').read_text()
+    for url in re.findall(r'https://[^\s)`\'"|]+', readme):
+        if '<' in url:  # a pattern: 'releases/download/v2/<name>.pth'
+            assert any(r.startswith(url.split('<')[0]) for r in releases), url
+            continue
+        choices = re.search(r'\{([^}]*)\}', url)
+        expanded = [url.replace(choices[0], c) for c in choices[1].split(',')] if choices else [url]
+        assert set(expanded) <= releases, url

@@ -19,8 +19,8 @@ import math
 from pathlib import Path
 
 import pytest
-import test_configs as zoo
 import torch
+import zoo
 from mmengine.config import Config
 from mmengine.optim import OptimWrapper, build_optim_wrapper
 from mmengine.registry import PARAM_SCHEDULERS
@@ -29,10 +29,6 @@ from torch import nn
 from mmpvt.models import MViTv2
 
 # The zoo's fixtures (fake COCO / ADE20K layouts, package bases, fast initialisation).
-coco_root = zoo.coco_root
-ade_root = zoo.ade_root
-fast_init = zoo.fast_init
-_package_bases_without_pkg_resources = zoo._package_bases_without_pkg_resources
 
 RELEASE = 'https://dl.fbaipublicfiles.com/mvit/mvitv2_models/'
 # config: arch, drop path, release file, epochs, lr, large-scale jitter
@@ -120,8 +116,10 @@ def test_detectron2_recipe(name):
     cfg = load(name)
     assert cfg.custom_imports == dict(imports=['mmpvt'], allow_failed_imports=False)
     backbone = cfg.model.backbone
-    assert (backbone.type, backbone.arch, backbone.drop_path_rate) == ('MViTv2', arch, drop_path)
-    assert (backbone.window_size, backbone.out_indices, backbone.frozen_stages) == (56, (0, 1, 2, 3), -1)
+    built = zoo.backbone_of(cfg)  # the variant's defaults filled in from its table
+    assert (backbone.type, backbone.arch) == ('MViTv2', arch)
+    assert zoo.drop_path_of(built) == pytest.approx(drop_path)
+    assert (built.window_size, backbone.out_indices, backbone.frozen_stages) == (56, (0, 1, 2, 3), -1)
     assert backbone.with_cp == (arch == 'huge')  # detectron2's use_act_checkpoint
     assert backbone.init_cfg == dict(type='Pretrained', checkpoint=f'{RELEASE}{release}.pyth')
     width = ARCHS[arch][0]
@@ -202,8 +200,9 @@ def test_lr_steps_where_detectron2_steps(name, epoch_length):
 def test_other_methods_take_the_zoo_recipes_with_mvitv2_t(name):
     cfg = load(name)
     backbone = cfg.model.backbone
-    assert (backbone.type, backbone.arch, backbone.drop_path_rate, backbone.window_size) == ('MViTv2', 'tiny',
-                                                                                           0.2, 56)
+    built = zoo.backbone_of(cfg)
+    assert (backbone.type, backbone.arch, zoo.drop_path_of(built), built.window_size) == (
+        'MViTv2', 'tiny', pytest.approx(0.2), 56)
     assert backbone.init_cfg == dict(type='Pretrained', checkpoint=f'{RELEASE}MViTv2_T_in1k.pyth')
     optimizer = cfg.optim_wrapper.optimizer
     lr = {'retinanet': 1e-4, 'mask_rcnn': 2e-4, 'fpn': 2e-4}[name.split('_mvitv2')[0]]

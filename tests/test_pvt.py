@@ -239,3 +239,13 @@ def test_non_finite_training_batch_raises_unless_disabled(value):
     PVTv2(arch=TINY_V2, check_finite=False).train()(x)  # documented opt-out
     with torch.no_grad():
         PVTv2(arch=TINY_V2).eval()(x)  # inference reports nothing: outputs carry the NaN
+
+
+@pytest.mark.parametrize('cls', [PVT, PVTv2])
+@pytest.mark.parametrize('size', [(224, 224, 224), (224,), (224, 0), 16, '224', (224.0, 224)])
+def test_pretrain_img_size_must_be_an_int_or_a_pair(cls, size):
+    """mmdet's backbone tests pass such sizes: (224, 224, 224) was taken, (224,) an IndexError."""
+    arch = 'tiny' if cls is PVT else 'b0'
+    with pytest.raises(ValueError, match=r'pretrain_img_size must be an int or \(H, W\), each at least 32'):
+        cls(arch=arch, pretrain_img_size=size)
+    assert cls(arch=arch, pretrain_img_size=(256, 320)).pretrain_img_size == (256, 320)

@@ -4,18 +4,16 @@
 # needs:
 #     _base_ = ['./_base_/retinanet.py', './_base_/mvitv2.py']
 #     model = dict(backbone=_base_.mvitv2.backbone, neck=dict(in_channels=_base_.mvitv2.in_channels))
-# MViTv2-T with its ImageNet-1k weights; S / B / L / H change arch, drop path and checkpoint (L and
-# H also the neck's in_channels, H activation checkpointing): see ../cascade_mask_rcnn_mvitv2_s_3x.py.
+# MViTv2-T with its ImageNet-1k weights; S / B / L / H change arch and checkpoint (L and H also
+# the neck's in_channels, H activation checkpointing): see ../cascade_mask_rcnn_mvitv2_s_3x.py. The
+# variant's defaults (drop path: detectron2's T 0.2, S 0.2, B 0.4, L 0.5, H 0.6; stage 1's 56-token
+# attention window, halved per stage) come from its table in mmpvt/models/mvit.py.
 mvitv2 = dict(
     backbone=dict(
         _delete_=True,  # replaces the backbone of mmdet's or mmseg's base (ResNet-50)
         type='MViTv2',
         arch='tiny',
         out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.2,  # detectron2's COCO values: T 0.2, S 0.2, B 0.4, L 0.5, H 0.6
-        # Stage 1's attention window in tokens, halved per stage; the last block of stages 2-4
-        # attends globally (0: every block global).
-        window_size=56,
         frozen_stages=-1,
         norm_eval=False,
         with_cp=False,

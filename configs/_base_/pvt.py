@@ -10,8 +10,7 @@ pvt = dict(
         type='PVTv2',
         arch='b2',
         out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.1,
-        frozen_stages=-1,
+        frozen_stages=-1,  # the variant's drop path (0.1) comes from its table in mmpvt/models/pvt.py
         norm_eval=False,
         with_cp=False,
         # The authors' ImageNet weights; train from scratch with

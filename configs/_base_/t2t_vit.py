@@ -17,8 +17,7 @@ t2t_vit = dict(
         # authors transfer it to other sizes.
         img_size=224,
         out_indices=(0, 1, 2, 3),
-        drop_path_rate=0.1,  # the ImageNet training's (the official main.py default)
-        frozen_stages=-1,
+        frozen_stages=-1,  # drop path 0.1, the authors' training default: the variant table's
         with_cp=False,
         # The authors' ImageNet-1k weights (T2T-ViT-14, 81.5% top-1; the EMA weights are the
         # ones loaded); train from scratch with --cfg-options model.backbone.init_cfg=None

@@ -161,6 +161,10 @@ class DenseBackbone(BaseModule):
         """``out_indices`` as a sorted tuple of distinct levels in ``[0, num_levels - 1]``."""
         if isinstance(out_indices, int):
             out_indices = (out_indices,)
+        if isinstance(out_indices, (Mapping, str, set)) or not isinstance(out_indices, Sequence):
+            # A dict would be taken as its keys, a set in no order: refused, not guessed.
+            raise ValueError(f'out_indices must be an int or a sequence of stage indices (a list or tuple), '
+                             f'got {type(out_indices).__name__} {out_indices!r}')
         out_indices = tuple(out_indices)
         if not out_indices:
             raise ValueError('out_indices must name at least one stage')
@@ -181,6 +185,26 @@ class DenseBackbone(BaseModule):
     def out_strides(self) -> tuple[int, ...]:
         """Stride of each returned map relative to the input, in the order of ``out_indices``."""
         return tuple(self.level_strides[i] for i in self.out_indices)
+
+    # -- what families build with ------------------------------------------------------------
+    @staticmethod
+    def drop_path_rates(rate: float, num_blocks: int) -> list[float]:
+        """Stochastic depth per block: growing linearly from 0 to ``rate`` over ``num_blocks``
+        (the rule of every family's paper). Computed on the CPU, so that models also build
+        under a meta-device context."""
+        if not 0 <= rate < 1:
+            raise ValueError(f'drop_path_rate must be in [0, 1), got {rate}')
+        return torch.linspace(0, rate, num_blocks, device='cpu').tolist()
+
+    def default(self, value: Any, key: str) -> Any:
+        """``value``, or the variant's ``key`` (its table's default) when ``value`` is None."""
+        return self.arch_settings[key] if value is None else value
+
+    @property
+    def recompute(self) -> bool:
+        """Whether blocks recompute their activations in backward (``with_cp``): in a
+        training step that builds a graph only."""
+        return self.with_cp and self.training and torch.is_grad_enabled()
 
     # -- training-state control -------------------------------------------------------------
     def freeze_stages(self) -> None:

@@ -359,8 +359,8 @@ class MViTv2(DenseBackbone):
         arch: tiny, small, base, large (ImageNet-21k design, width change in attention,
             what detectron2 uses), large_in1k (ImageNet-1k design: width change in the
             previous block's MLP), huge; or a dict with per-stage ``embed_dims``,
-            ``depths``, ``num_heads`` and optionally ``mlp_ratio`` (4),
-            ``dim_mul_in_attention`` (True) and ``drop_path_rate`` (0.2). The stage
+            ``depths``, ``num_heads`` and optionally what ``MVIT_DEFAULTS`` holds
+            (``mlp_ratio``, ``dim_mul_in_attention``, ``drop_path_rate``, ``window_size``). The stage
             boundaries place the q-stride blocks, kv strides, window halving and global
             blocks (see :func:`mvit_block_specs`).
         in_channels: channels of the input image.
@@ -369,8 +369,9 @@ class MViTv2(DenseBackbone):
         drop_path_rate: stochastic depth of the last block, growing linearly from 0 over all
             blocks; None takes the variant's (detectron2's COCO value: 0.2 for T and S, 0.4
             for B, 0.5 for L, 0.6 for H).
-        window_size: window side in stage 1 (56), halved per stage; 0 makes every block
-            global. Must be a multiple of 8 (the smallest windows are window_size / 8).
+        window_size: window side in stage 1, halved per stage; 0 makes every block global;
+            None takes the variant's (56, detectron2's). Must be a multiple of 8 (the
+            smallest windows are window_size / 8).
         global_kv_stride_x2: double the kv stride of the global blocks of stages 2 and 3, as
             detectron2 does. Off, with ``window_size=0``, the features are the
             classification model's.
@@ -388,11 +389,12 @@ class MViTv2(DenseBackbone):
 
     def __init__(self, arch: str | Mapping[str, Any] = 'base', in_channels: int = 3,
                  out_indices: int | Sequence[int] = (0, 1, 2, 3), drop_path_rate: float | None = None,
-                 window_size: int = 56, global_kv_stride_x2: bool = True, frozen_stages: int = -1,
+                 window_size: int | None = None, global_kv_stride_x2: bool = True, frozen_stages: int = -1,
                  norm_eval: bool = False, with_cp: bool = False, check_finite: bool = True,
                  init_cfg: Mapping[str, Any] | None = None) -> None:
         super().__init__(arch, in_channels=in_channels, out_indices=out_indices, frozen_stages=frozen_stages,
                          norm_eval=norm_eval, with_cp=with_cp, check_finite=check_finite, init_cfg=init_cfg)
+        window_size = self.default(window_size, 'window_size')
         if not isinstance(window_size, int) or window_size < 0 or window_size % 8:
             raise ValueError(f'MViTv2: window_size must be 0 (global attention) or a positive multiple of 8 '
                              f'(stage 4 windows are window_size / 8 tokens), got {window_size!r}')
@@ -401,10 +403,7 @@ class MViTv2(DenseBackbone):
         self.global_kv_stride_x2 = global_kv_stride_x2
         self.block_specs = mvit_block_specs(settings, window_size, global_kv_stride_x2)
         self.patch_embed = PatchEmbed(in_channels, settings['embed_dims'][0])
-        if drop_path_rate is None:
-            drop_path_rate = settings['drop_path_rate']
-        # stochastic depth decay rule: linear over all blocks
-        rates = torch.linspace(0, drop_path_rate, len(self.block_specs), device='cpu').tolist()
+        rates = self.drop_path_rates(self.default(drop_path_rate, 'drop_path_rate'), len(self.block_specs))
         self.blocks = nn.ModuleList(
             MultiScaleBlock(spec.dims, spec.out_dims, spec.num_heads, spec.q_stride, spec.kv_stride,
                             spec.window_size, spec.rel_pos_rows, spec.widen_in_attention,
@@ -432,10 +431,7 @@ class MViTv2(DenseBackbone):
         if bad:
             raise ValueError(f'MViTv2: num_heads must divide embed_dims in every stage; stage(s) {bad} of '
                              f'embed_dims={settings["embed_dims"]}, num_heads={settings["num_heads"]} do not')
-        settings.setdefault('mlp_ratio', 4.)
-        settings.setdefault('dim_mul_in_attention', True)
-        settings.setdefault('drop_path_rate', 0.2)
-        return settings
+        return {**MVIT_DEFAULTS, **settings}
 
     @staticmethod
     def convert_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -506,7 +502,7 @@ class MViTv2(DenseBackbone):
         channels-last in memory (NCHW shape)."""
         self.check_input(x)
         x = self.patch_embed(x)
-        recompute = self.with_cp and self.training and torch.is_grad_enabled()
+        recompute = self.recompute
         levels = {end: level for level, end in enumerate(self.stage_ends) if level in self.out_indices}
         outs = []
         for i, block in enumerate(self.blocks[:max(levels) + 1]):
@@ -631,18 +627,26 @@ def convert_mvit_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Te
 
 
 # -- variants --------------------------------------------------------------------------------
-# drop_path_rate: detectron2's COCO configs (T 0.2, S 0.2, B 0.4, L 0.5, H 0.6).
+# What every variant (and an arch dict) has unless it says otherwise: detectron2's windows
+# (56 tokens in stage 1) and the T / S stochastic depth of its COCO configs.
+MVIT_DEFAULTS: dict[str, Any] = dict(mlp_ratio=4., dim_mul_in_attention=True, drop_path_rate=0.2,
+                                     window_size=56)
+# The official releases (``pretrained``: what the zoo's configs load): ImageNet-1k for T, S
+# and B, ImageNet-21k for L and H, as detectron2's COCO configs start from.
+_RELEASES = 'https://dl.fbaipublicfiles.com/mvit/mvitv2_models/'
 _TSB = dict(embed_dims=(96, 192, 384, 768), num_heads=(1, 2, 4, 8))
+# drop_path_rate: detectron2's COCO configs (T 0.2, S 0.2, B 0.4, L 0.5, H 0.6).
 _LARGE = dict(embed_dims=(144, 288, 576, 1152), num_heads=(2, 4, 8, 16), depths=(2, 6, 36, 4),
               drop_path_rate=0.5)
 MVIT_ARCHS: dict[str, dict[str, Any]] = {
-    'tiny': dict(_TSB, depths=(1, 2, 5, 2), drop_path_rate=0.2),
-    'small': dict(_TSB, depths=(1, 2, 11, 2), drop_path_rate=0.2),
-    'base': dict(_TSB, depths=(2, 3, 16, 3), drop_path_rate=0.4),
-    'large': dict(_LARGE),  # the ImageNet-21k design, which detectron2 implements
+    'tiny': dict(_TSB, depths=(1, 2, 5, 2), pretrained=_RELEASES + 'MViTv2_T_in1k.pyth'),
+    'small': dict(_TSB, depths=(1, 2, 11, 2), pretrained=_RELEASES + 'MViTv2_S_in1k.pyth'),
+    'base': dict(_TSB, depths=(2, 3, 16, 3), drop_path_rate=0.4, pretrained=_RELEASES + 'MViTv2_B_in1k.pyth'),
+    # the ImageNet-21k design, which detectron2 implements
+    'large': dict(_LARGE, pretrained=_RELEASES + 'MViTv2_L_in21k.pyth'),
     'large_in1k': dict(_LARGE, dim_mul_in_attention=False),
     'huge': dict(embed_dims=(192, 384, 768, 1536), num_heads=(3, 6, 12, 24), depths=(4, 8, 60, 8),
-                 drop_path_rate=0.6),
+                 drop_path_rate=0.6, pretrained=_RELEASES + 'MViTv2_H_in21k.pyth'),
 }
 
 MViTv2.arch_zoo = MVIT_ARCHS

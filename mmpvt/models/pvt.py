@@ -224,16 +224,14 @@ class PVTStage(nn.Module):
         out_norm: LayerNorm on the stage's output (PVTv2).
         drop, attn_drop: dropout rates.
         drop_paths: stochastic-depth rate of each block.
-        with_cp: recompute each block's activations in backward instead of storing them.
     """
 
     def __init__(self, in_channels: int, dims: int, depth: int, num_heads: int, mlp_ratio: float,
                  sr_ratio: int, patch_size: int, patch_stride: int, patch_padding: int,
                  pos_grid: HW | None = None, linear: bool = False, dwconv: bool = False,
                  out_norm: bool = False, qkv_bias: bool = True, drop: float = 0.,
-                 attn_drop: float = 0., drop_paths: Sequence[float] = (), with_cp: bool = False) -> None:
+                 attn_drop: float = 0., drop_paths: Sequence[float] = ()) -> None:
         super().__init__()
-        self.with_cp = with_cp
         self.patch_embed = PatchEmbed(in_channels, dims, patch_size, patch_stride, patch_padding,
                                       norm_eps=EMBED_NORM_EPS)
         self.pos_grid = pos_grid
@@ -248,12 +246,13 @@ class PVTStage(nn.Module):
             for dp in drop_paths)
         self.norm = nn.LayerNorm(dims, eps=BLOCK_NORM_EPS) if out_norm else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+        """``recompute``: each block's activations are recomputed in backward (the backbone's
+        ``with_cp``, in a training step)."""
         x, hw = self.patch_embed(x)
         if self.pos_embed is not None:
             # Resized whenever the grid differs from pre-training's, at every stage.
             x = self.pos_drop(x + resize_pos_embed(self.pos_embed, self.pos_grid, hw))
-        recompute = self.with_cp and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             x = checkpoint(block, x, hw, use_reentrant=False) if recompute else block(x, hw)
         if self.norm is not None:
@@ -274,14 +273,16 @@ class PyramidVisionTransformerBase(DenseBackbone):
         drop_rate: dropout after attention and MLP projections (and position embeddings).
         attn_drop_rate: dropout on attention weights.
         drop_path_rate: stochastic depth of the last block; it grows linearly from 0 over
-            all blocks. The papers train detectors and segmentors with 0.1.
+            all blocks. None takes the variant's (0.1: the papers train detectors and
+            segmentors with it).
         frozen_stages: the first ``frozen_stages`` stages (with their patch embeddings)
             get no gradients and stay in eval mode; -1 or 0 freezes nothing.
         norm_eval: keep every normalisation layer in eval mode during training.
         with_cp: activation checkpointing per block (non-reentrant): less memory, more time.
         check_finite: in training, raise FloatingPointError on a batch holding NaN or inf
             instead of training on it (one reduction over the input per step).
-        pretrain_img_size: image size the position embeddings were learned at (PVT v1).
+        pretrain_img_size: image size the position embeddings were learned at (PVT v1): an
+            int or ``(H, W)``.
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` loads any PVT layout
             (the authors' release, timm, mmdet, mmpvt; whole detector checkpoints too).
 
@@ -305,7 +306,7 @@ class PyramidVisionTransformerBase(DenseBackbone):
 
     def __init__(self, arch: str | Mapping[str, Any] = 'b2', in_channels: int = 3,
                  out_indices: Sequence[int] = (0, 1, 2, 3), qkv_bias: bool = True,
-                 drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float = 0.1,
+                 drop_rate: float = 0., attn_drop_rate: float = 0., drop_path_rate: float | None = None,
                  frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
                  check_finite: bool = True, pretrain_img_size: int | Sequence[int] = 224,
                  init_cfg: Mapping[str, Any] | None = None) -> None:
@@ -313,13 +314,8 @@ class PyramidVisionTransformerBase(DenseBackbone):
                          frozen_stages=frozen_stages, norm_eval=norm_eval, with_cp=with_cp,
                          check_finite=check_finite, init_cfg=init_cfg)
         dims, depths = self.arch_settings['embed_dims'], self.arch_settings['depths']
-        if isinstance(pretrain_img_size, int):
-            pretrain_img_size = (pretrain_img_size, pretrain_img_size)
-        self.pretrain_img_size = tuple(pretrain_img_size)
-
-        # stochastic depth decay rule: linear over all blocks of all stages (computed on the
-        # CPU, so that the model also builds under a meta-device context)
-        rates = torch.linspace(0, drop_path_rate, sum(depths), device='cpu').tolist()
+        self.pretrain_img_size = _image_size(pretrain_img_size, type(self).__name__)
+        rates = self.drop_path_rates(self.default(drop_path_rate, 'drop_path_rate'), sum(depths))
         self.stages = nn.ModuleList()
         stride, channels, strides = 1, in_channels, []
         for i in range(self.num_levels):
@@ -335,7 +331,7 @@ class PyramidVisionTransformerBase(DenseBackbone):
                 patch_padding=self.patch_paddings[j], pos_grid=pos_grid,
                 linear=self.arch_settings['linear'], dwconv=self.dwconv, out_norm=self.out_norm,
                 qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate,
-                drop_paths=rates[sum(depths[:i]):sum(depths[:i + 1])], with_cp=with_cp))
+                drop_paths=rates[sum(depths[:i]):sum(depths[:i + 1])]))
             channels = dims[i]
         self.level_channels = tuple(dims)
         self.level_strides = tuple(strides)
@@ -349,7 +345,7 @@ class PyramidVisionTransformerBase(DenseBackbone):
 
     # -- what the base asks of the family --------------------------------------------------
     def _complete_arch(self, settings: dict[str, Any]) -> dict[str, Any]:
-        settings.setdefault('linear', False)
+        settings = {**PVT_DEFAULTS, **settings}
         lengths = {k: len(settings[k]) for k in self.required_arch_keys}
         if len(set(lengths.values())) != 1:
             raise ValueError(f'{type(self).__name__}: arch lists must have one entry per stage, '
@@ -405,10 +401,19 @@ class PyramidVisionTransformerBase(DenseBackbone):
         x = x.contiguous(memory_format=torch.channels_last)
         outs = []
         for i, stage in enumerate(self.stages):
-            x = stage(x)
+            x = stage(x, self.recompute)
             if i in self.out_indices:
                 outs.append(x)
         return tuple(outs)
+
+
+def _image_size(size: int | Sequence[int], name: str) -> HW:
+    """``pretrain_img_size`` as ``(H, W)``; ValueError for anything but an int or two ints."""
+    pair = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, Sequence) else ()
+    if len(pair) != 2 or not all(isinstance(s, int) and s >= 32 for s in pair):
+        raise ValueError(f'{name}: pretrain_img_size must be an int or (H, W), each at least 32, '
+                         f'got {size!r}')
+    return pair
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -568,14 +573,19 @@ def convert_pvt_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Ten
 
 
 # -- variants --------------------------------------------------------------------------------
+# What every variant (and an arch dict) has unless it says otherwise: no linear attention;
+# stochastic depth 0.1, the papers' for detection and segmentation.
+PVT_DEFAULTS: dict[str, Any] = dict(linear=False, drop_path_rate=0.1)
 _SHARED = dict(num_heads=(1, 2, 5, 8), sr_ratios=(8, 4, 2, 1))
 _WIDE = dict(_SHARED, embed_dims=(64, 128, 320, 512), mlp_ratios=(8, 8, 4, 4))
+# The authors' ImageNet releases (``pretrained``: what the zoo's configs load).
+_RELEASES = 'https://github.com/whai362/PVT/releases/download/v2/'
 
 PVT_ARCHS: dict[str, dict[str, Any]] = {
-    'tiny': dict(_WIDE, depths=(2, 2, 2, 2)),
-    'small': dict(_WIDE, depths=(3, 4, 6, 3)),
-    'medium': dict(_WIDE, depths=(3, 4, 18, 3)),
-    'large': dict(_WIDE, depths=(3, 8, 27, 3)),
+    'tiny': dict(_WIDE, depths=(2, 2, 2, 2), pretrained=_RELEASES + 'pvt_tiny.pth'),
+    'small': dict(_WIDE, depths=(3, 4, 6, 3), pretrained=_RELEASES + 'pvt_small.pth'),
+    'medium': dict(_WIDE, depths=(3, 4, 18, 3), pretrained=_RELEASES + 'pvt_medium.pth'),
+    'large': dict(_WIDE, depths=(3, 8, 27, 3), pretrained=_RELEASES + 'pvt_large.pth'),
 }
 
 PVTV2_ARCHS: dict[str, dict[str, Any]] = {
@@ -587,6 +597,8 @@ PVTV2_ARCHS: dict[str, dict[str, Any]] = {
     'b4': dict(_WIDE, depths=(3, 8, 27, 3)),
     'b5': dict(_WIDE, depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4)),
 }
+for _name, _variant in PVTV2_ARCHS.items():
+    _variant['pretrained'] = f'{_RELEASES}pvt_v2_{_name}.pth'
 
 PVT.arch_zoo = PVT_ARCHS
 PVTv2.arch_zoo = PVTV2_ARCHS

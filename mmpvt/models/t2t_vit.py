@@ -306,7 +306,8 @@ class T2TViT(DenseBackbone):
         in_channels: channels of the input image.
         out_indices: levels to return, 0-based (strides 4, 8, 16, 32).
         drop_path_rate: stochastic depth of the last block, growing linearly from 0 over the
-            blocks; 0.1 is the authors' training default (their main.py's --drop-path).
+            blocks; None takes the variant's (0.1, the authors' training default: their
+            main.py's --drop-path).
         token_scale: the transformer token layers' logit scale. 'official' (default):
             ``in_dims ** -0.5``, the authors' modules and weights. 'mmpretrain': a factor
             ``sqrt(token_dims)`` = 8, what mmpretrain 1.2.0's ``T2T_ViT`` computes and its own
@@ -327,7 +328,7 @@ class T2TViT(DenseBackbone):
 
     def __init__(self, arch: str | Mapping[str, Any] = '14', img_size: int | Sequence[int] = 224,
                  in_channels: int = 3, out_indices: int | Sequence[int] = (0, 1, 2, 3),
-                 drop_path_rate: float = 0.1, token_scale: str = 'official', frozen_stages: int = -1,
+                 drop_path_rate: float | None = None, token_scale: str = 'official', frozen_stages: int = -1,
                  norm_eval: bool = False, with_cp: bool = False, check_finite: bool = True,
                  init_cfg: Mapping[str, Any] | None = None) -> None:
         super().__init__(arch, in_channels=in_channels, out_indices=out_indices, frozen_stages=frozen_stages,
@@ -356,8 +357,7 @@ class T2TViT(DenseBackbone):
         # optimizers and the trainable-parameter count leave it out, as mmpretrain does).
         table = sinusoid_table(NUM_PREFIX_TOKENS + self.pos_grid[0] * self.pos_grid[1], dims)
         self.register_buffer('pos_embed', _on_default_device(table))
-        # stochastic depth decay rule
-        rates = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()
+        rates = self.drop_path_rates(self.default(drop_path_rate, 'drop_path_rate'), depth)
         self.blocks = nn.ModuleList(
             TransformerBlock(dims, settings['num_heads'], settings['mlp_ratio'], qkv_bias=False,
                              norm_eps=NORM_EPS, drop_path=rate) for rate in rates)
@@ -373,11 +373,12 @@ class T2TViT(DenseBackbone):
 
     # -- the family's part of the base ------------------------------------------------------
     def _complete_arch(self, settings: dict[str, Any]) -> dict[str, Any]:
+        settings = {**T2T_DEFAULTS, **settings}
         dims, depth, heads = settings['embed_dims'], settings['depth'], settings['num_heads']
         if settings['tokens_type'] not in TOKENS_TYPES:
             raise ValueError(f'T2TViT: tokens_type must be one of {", ".join(TOKENS_TYPES)}, '
                              f'got {settings["tokens_type"]!r}')
-        token_dims = settings.setdefault('token_dims', 64)
+        token_dims = settings['token_dims']
         if depth < 1 or dims % heads or dims % 4 or token_dims < 2:
             raise ValueError(f'T2TViT: arch needs depth >= 1, embed_dims divisible by num_heads and by 4 '
                              f'(the stride-4 level has embed_dims / 4 channels) and token_dims >= 2; got '
@@ -495,7 +496,7 @@ class T2TViT(DenseBackbone):
         memory (NCHW shape).
         """
         self.check_input(x)
-        recompute = self.with_cp and self.training and torch.is_grad_enabled()
+        recompute = self.recompute
         tokens, hw = self.tokens_to_token(x, recompute)
         x = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         x = x + self._pos_embed(hw)
@@ -624,16 +625,23 @@ def convert_t2t_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Ten
 # -- variants --------------------------------------------------------------------------------
 # The authors' models/t2t_vit.py. Their factories set a qk scale of dim ** -0.5 only with
 # pretrained=True, which loads nothing; their evaluation builds without it (head_dim ** -0.5).
-_PERFORMER = dict(tokens_type='performer', token_dims=64)
-_TRANSFORMER = dict(tokens_type='transformer', token_dims=64)
+# What every variant (and an arch dict) has unless it says otherwise: 64-wide token layers, as
+# in every published variant, and the authors' stochastic depth.
+T2T_DEFAULTS: dict[str, Any] = dict(token_dims=64, drop_path_rate=0.1)
+# The authors' ImageNet-1k releases (``pretrained``: what the zoo's configs load).
+_RELEASES = 'https://github.com/yitu-opensource/T2T-ViT/releases/download/main/'
+_PERFORMER = dict(tokens_type='performer')
+_TRANSFORMER = dict(tokens_type='transformer')
 T2T_ARCHS: dict[str, dict[str, Any]] = {
     '7': dict(_PERFORMER, embed_dims=256, depth=7, num_heads=4, mlp_ratio=2.),
     '10': dict(_PERFORMER, embed_dims=256, depth=10, num_heads=4, mlp_ratio=2.),
     '12': dict(_PERFORMER, embed_dims=256, depth=12, num_heads=4, mlp_ratio=2.),
-    '14': dict(_PERFORMER, embed_dims=384, depth=14, num_heads=6, mlp_ratio=3.),
+    '14': dict(_PERFORMER, embed_dims=384, depth=14, num_heads=6, mlp_ratio=3.,
+               pretrained=_RELEASES + '81.5_T2T_ViT_14.pth.tar'),
     '19': dict(_PERFORMER, embed_dims=448, depth=19, num_heads=7, mlp_ratio=3.),
     '24': dict(_PERFORMER, embed_dims=512, depth=24, num_heads=8, mlp_ratio=3.),
-    't_14': dict(_TRANSFORMER, embed_dims=384, depth=14, num_heads=6, mlp_ratio=3.),
+    't_14': dict(_TRANSFORMER, embed_dims=384, depth=14, num_heads=6, mlp_ratio=3.,
+                 pretrained=_RELEASES + '81.7_T2T_ViTt_14.pth.tar'),
     't_19': dict(_TRANSFORMER, embed_dims=448, depth=19, num_heads=7, mlp_ratio=3.),
     't_24': dict(_TRANSFORMER, embed_dims=512, depth=24, num_heads=8, mlp_ratio=3.),
     '14_resnext': dict(_PERFORMER, embed_dims=384, depth=14, num_heads=32, mlp_ratio=3.),

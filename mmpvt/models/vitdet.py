@@ -85,16 +85,16 @@ class ViTDet(DenseBackbone):
 
     Args:
         arch: tiny, small, base, large, huge (DeiT-Ti, ViT-S/B/L/H), or a dict with
-            ``embed_dims``, ``depth``, ``num_heads`` and optionally ``mlp_ratio`` (4),
-            ``global_attn_indexes`` (the last block of each quarter of the depth) and
-            ``drop_path_rate``.
+            ``embed_dims``, ``depth``, ``num_heads`` and optionally ``global_attn_indexes``
+            (the last block of each quarter of the depth) and what ``VITDET_DEFAULTS``
+            holds (``mlp_ratio``, ``drop_path_rate``, ``window_size``).
         img_size: the input size the global blocks' relative-position tables are sized
             for (``2 * img_size / patch_size - 1`` rows); other sizes resize them.
         patch_size: side of the square patches (the stride of the column).
         in_channels: channels of the input image.
         out_indices: levels to return, 0-based (strides 4, 8, 16, 32).
         window_size: side of the attention windows of every block but the global ones;
-            0 makes every block global.
+            0 makes every block global; None takes the variant's (14, the paper's).
         use_rel_pos: add decomposed relative positions in every block.
         use_abs_pos: add the learned absolute position embedding after the patches.
         pretrain_img_size: the image size the absolute position embedding was learned at
@@ -117,7 +117,7 @@ class ViTDet(DenseBackbone):
 
     def __init__(self, arch: str | Mapping[str, Any] = 'base', img_size: int | Sequence[int] = 1024,
                  patch_size: int = 16, in_channels: int = 3, out_indices: int | Sequence[int] = (0, 1, 2, 3),
-                 window_size: int = 14, use_rel_pos: bool = True, use_abs_pos: bool = True,
+                 window_size: int | None = None, use_rel_pos: bool = True, use_abs_pos: bool = True,
                  pretrain_img_size: int = 224, qkv_bias: bool = True, drop_rate: float = 0.,
                  attn_drop_rate: float = 0., drop_path_rate: float | None = None, frozen_stages: int = -1,
                  norm_eval: bool = False, with_cp: bool = False, check_finite: bool = True,
@@ -129,7 +129,8 @@ class ViTDet(DenseBackbone):
         if patch_size != 16:
             raise ValueError(f'ViTDet: patch_size must be 16 (levels at strides 4, 8, 16, 32), '
                              f'got {patch_size}')
-        if window_size < 0:
+        window_size = self.default(window_size, 'window_size')
+        if not isinstance(window_size, int) or window_size < 0:
             raise ValueError(f'ViTDet: window_size must be >= 0 (0: global attention), got {window_size}')
         img_hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.patch_size = patch_size
@@ -142,10 +143,7 @@ class ViTDet(DenseBackbone):
         else:
             self.register_parameter('pos_embed', None)
 
-        if drop_path_rate is None:
-            drop_path_rate = settings['drop_path_rate']
-        # stochastic depth decay rule: linear over the blocks
-        rates = torch.linspace(0, drop_path_rate, depth, device='cpu').tolist()
+        rates = self.drop_path_rates(self.default(drop_path_rate, 'drop_path_rate'), depth)
         global_blocks = set(settings['global_attn_indexes'])
         self.blocks = nn.ModuleList()
         for i in range(depth):
@@ -171,8 +169,7 @@ class ViTDet(DenseBackbone):
             raise ValueError(f'ViTDet: arch needs depth >= 1 and embed_dims divisible by num_heads and by 4 '
                              f'(the stride-4 level has embed_dims / 4 channels); got embed_dims={dims}, '
                              f'depth={depth}, num_heads={heads}')
-        settings.setdefault('mlp_ratio', 4.)
-        settings.setdefault('drop_path_rate', 0.1)
+        settings = {**VITDET_DEFAULTS, **settings}
         # Global attention closes each quarter of the column, as in the paper's B, L and H.
         quarter_ends = sorted({max(depth * k // 4 - 1, 0) for k in (1, 2, 3, 4)})
         indexes = tuple(settings.setdefault('global_attn_indexes', quarter_ends))
@@ -271,7 +268,7 @@ class ViTDet(DenseBackbone):
         x = self.patch_embed(x)
         if self.pos_embed is not None:
             x = x + abs_pos_embed_to_grid(self.pos_embed, x.shape[1:3], NUM_PREFIX_TOKENS)
-        recompute = self.with_cp and self.training and torch.is_grad_enabled()
+        recompute = self.recompute
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         x = x.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last
@@ -461,16 +458,22 @@ def convert_vitdet_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.
 
 
 # -- variants --------------------------------------------------------------------------------
-# drop_path_rate: the paper's detectors (B 0.1, L 0.4, H 0.5); the small ones as B.
-_B = dict(depth=12, global_attn_indexes=(2, 5, 8, 11), drop_path_rate=0.1)
+# What every variant (and an arch dict) has unless it says otherwise: the paper's 14x14
+# windows and ViT-B's stochastic depth (the small variants take B's too).
+VITDET_DEFAULTS: dict[str, Any] = dict(mlp_ratio=4., drop_path_rate=0.1, window_size=14)
+# The MAE ImageNet-1k pre-training detectron2 starts its detectors from (``pretrained``: what
+# the zoo's configs load; ViT-H's converted from patches of 14 to 16).
+_MAE = 'https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/MAE/'
+_B = dict(depth=12, global_attn_indexes=(2, 5, 8, 11))
 VITDET_ARCHS: dict[str, dict[str, Any]] = {
     'tiny': dict(_B, embed_dims=192, num_heads=3),
     'small': dict(_B, embed_dims=384, num_heads=6),
-    'base': dict(_B, embed_dims=768, num_heads=12),
+    'base': dict(_B, embed_dims=768, num_heads=12, pretrained=_MAE + 'mae_pretrain_vit_base.pth'),
+    # drop_path_rate: the paper's L and H detectors
     'large': dict(embed_dims=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23),
-                  drop_path_rate=0.4),
+                  drop_path_rate=0.4, pretrained=_MAE + 'mae_pretrain_vit_large.pth'),
     'huge': dict(embed_dims=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31),
-                 drop_path_rate=0.5),
+                 drop_path_rate=0.5, pretrained=_MAE + 'mae_pretrain_vit_huge_p14to16.pth'),
 }
 
 ViTDet.arch_zoo = VITDET_ARCHS

@@ -95,12 +95,16 @@ def mvit_layout(classification: bool) -> dict[str, Any]:
     return dict(window_size=0, global_kv_stride_x2=False) if classification else {}
 
 
-def mvit_settings(variant: str) -> dict[str, Any]:
-    """The resolved arch of an MViTv2 variant (mmpvt's defaults filled in), from a model on
-    the meta device: no memory, no initialisation."""
-    from mmpvt.models import MViTv2
+def variant_settings(family: str, variant: str) -> dict[str, Any]:
+    """The resolved arch of a registered family's variant (the family's defaults filled in),
+    from a model on the meta device: no memory, no initialisation."""
+    from mmpvt.registry import MODELS
     with torch.device('meta'):
-        return MViTv2(arch=variant).arch_settings
+        return MODELS.get(family)(arch=variant).arch_settings
+
+
+def mvit_settings(variant: str) -> dict[str, Any]:
+    return variant_settings('MViTv2', variant)
 
 
 def build_mmpvt(arch: str, with_cp: bool, *, classification: bool = False,
@@ -170,7 +174,7 @@ def build_timm(arch: str, with_cp: bool, *, classification: bool = False,
         return None  # timm has no PVT v1
     if arch.startswith(VITDET):
         from timm.models.vision_transformer_sam import VisionTransformerSAM
-        settings = VITDET_ARCHS[arch[len(VITDET):]]
+        settings = variant_settings('ViTDet', arch[len(VITDET):])
         # samvit_base_patch16's settings for base, the neck (or its stand-in norm) left out.
         model = VisionTransformerSAM(
             img_size=1024, embed_dim=settings['embed_dims'], depth=settings['depth'],
@@ -208,7 +212,7 @@ def build_official(arch: str, with_cp: bool) -> torch.nn.Module | None:
     """
     if not arch.startswith(T2T) or with_cp:
         return None  # the authors' code has no activation checkpointing
-    settings = T2T_ARCHS[arch[len(T2T):]]
+    settings = variant_settings('T2TViT', arch[len(T2T):])
     return load_peer('t2t_official').T2TViTOfficial(
         img_size=T2T_IMG_SIZE, tokens_type=settings['tokens_type'], embed_dim=settings['embed_dims'],
         depth=settings['depth'], num_heads=settings['num_heads'], mlp_ratio=settings['mlp_ratio'],
