@@ -25,7 +25,7 @@ from torch import nn
 
 from mmpvt.checkpoint import CheckpointError, load_checkpoint_file
 from mmpvt.models import MViTv2, convert_mvit_state_dict
-from mmpvt.models.layers import rel_pos_lookup
+from mmpvt.models.attention import rel_pos_lookup
 from mmpvt.models.mvit import MVIT_ARCHS, detect_mvit_layout, unwrap_mvit_checkpoint
 from mmpvt.models.pvt import detect_layout as detect_pvt_layout
 from mmpvt.models.pvt import unwrap_state_dict as unwrap_pvt_state_dict
@@ -613,8 +613,8 @@ def test_every_layout_loads_every_backbone_tensor(layout, detected, tmp_path, lo
         expected = fresh[key] if classification and key.startswith(OUT_NORMS) else source[key]
         assert torch.equal(loaded[key], expected), key
     warned = [line for line in log_lines if 'has no output norms' in line]
-    assert warned == (['MViTv2: the checkpoint has no output norms (expected of a classification file): '
-                       '8 tensors keep their initialisation'] if classification else [])
+    assert warned == (['MViTv2: the checkpoint has no output norms (expected of a pre-training or '
+                       'classification file): 8 tensors keep their initialisation'] if classification else [])
 
 
 def test_classifier_final_norms_never_become_output_norms():

@@ -378,7 +378,7 @@ def test_masked_attention_trains_as_the_fused_kernel_does(q_shape, kv_shape, mas
     a step that needs gradients takes it."""
     from torch.nn import functional as F
 
-    from mmpvt.models.layers import masked_attention
+    from mmpvt.models.attention import masked_attention
     tensors = [torch.randn(shape, dtype=torch.float64, requires_grad=True)
                for shape in (q_shape, kv_shape, kv_shape, mask_shape)]
     ops = OpNames()
@@ -424,26 +424,27 @@ def test_rel_pos_attention_in_mask_slices_equals_the_whole_mask(monkeypatch, chu
     slicing gives the attention with the whole mask, in the layout that flattens into tokens."""
     from torch.nn import functional as F
 
-    from mmpvt.models import layers
+    from mmpvt.models import attention
     n, heads, q_hw, k_hw, c = 3, 2, (5, 7), (3, 4), 8
     entry_bytes = heads * q_hw[0] * q_hw[1] * k_hw[0] * k_hw[1] * 8  # float64
     # 0: the budget of one query row and a half, so the rows go two at a time
     budget = chunk_masks * entry_bytes if chunk_masks else entry_bytes * 3 // (2 * q_hw[0])
-    monkeypatch.setattr(layers, 'REL_POS_CHUNK_BYTES', budget)
+    monkeypatch.setattr(attention, 'REL_POS_CHUNK_BYTES', budget)
     q = torch.randn(n, heads, q_hw[0] * q_hw[1], c, dtype=torch.float64)
     k, v = (torch.randn(n, heads, k_hw[0] * k_hw[1], c, dtype=torch.float64) for _ in range(2))
     rel_h, rel_w = (torch.randn(9, c, dtype=torch.float64) for _ in range(2))
     def reference():
-        mask = layers.decomposed_rel_pos(q, rel_h, rel_w, q_hw, k_hw)
+        mask = attention.decomposed_rel_pos(q, rel_h, rel_w, q_hw, k_hw)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     ref = reference()
     ops = OpNames()
     def tables():
-        return layers.rel_pos_lookup(q_hw[0], k_hw[0], rel_h), layers.rel_pos_lookup(q_hw[1], k_hw[1], rel_w)
+        return (attention.rel_pos_lookup(q_hw[0], k_hw[0], rel_h),
+                attention.rel_pos_lookup(q_hw[1], k_hw[1], rel_w))
 
     with ops, torch.no_grad():
-        out = layers.rel_pos_attention(q, k, v, *tables())
+        out = attention.rel_pos_attention(q, k, v, *tables())
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     assert out.transpose(1, 2).is_contiguous()
     assert 'baddbmm' not in ops.names
@@ -452,7 +453,7 @@ def test_rel_pos_attention_in_mask_slices_equals_the_whole_mask(monkeypatch, chu
     params = [t.requires_grad_() for t in (q, k, v, rel_h, rel_w)]
     ops = OpNames()
     with ops:
-        out = layers.rel_pos_attention(*params[:3], *tables())
+        out = attention.rel_pos_attention(*params[:3], *tables())
     assert 'baddbmm' in ops.names
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
     ref = reference()
@@ -465,7 +466,7 @@ def test_rel_pos_attention_in_mask_slices_equals_the_whole_mask(monkeypatch, chu
 def test_rel_pos_mask_is_the_outer_sum_rounded_once(dtype):
     """In reduced precision the mask is a matrix product with a 0/1 matrix (faster on the
     CPU than the broadcast add); each entry is still the sum of its two terms, rounded once."""
-    from mmpvt.models.layers import _rel_pos_mask, _rel_pos_spread
+    from mmpvt.models.attention import _rel_pos_mask, _rel_pos_spread
     rel_h, rel_w = torch.randn(2, 3, 5, 7, 4).to(dtype), torch.randn(2, 3, 5, 7, 6).to(dtype)
     exact = rel_h.double()[..., :, None] + rel_w.double()[..., None, :]
     ref = exact.to(dtype).flatten(-4, -3).flatten(-2, -1)

@@ -79,7 +79,8 @@ def test_v1_position_embedding_is_resized_at_every_stage():
     with torch.no_grad():
         model(torch.randn(1, 3, 160, 250))
     for i, stage in enumerate(model.stages):
-        tokens, hw = seen[(i, 'embed')]
+        grid_tokens = seen[(i, 'embed')]  # (1, h, w, C)
+        hw, tokens = tuple(grid_tokens.shape[1:3]), grid_tokens.flatten(1, 2)
         grid = stage.pos_embed.reshape(1, *stage.pos_grid, -1).permute(0, 3, 1, 2)
         expected = torch.nn.functional.interpolate(grid, size=hw, mode='bilinear', align_corners=False)
         assert hw != stage.pos_grid

@@ -24,13 +24,8 @@ from torch import nn
 
 from mmpvt.checkpoint import CheckpointError, load_checkpoint_file
 from mmpvt.models import ViTDet, ViTDetNeck, convert_vitdet_state_dict
-from mmpvt.models.layers import (
-    LayerNorm2d,
-    abs_pos_embed_to_grid,
-    decomposed_rel_pos,
-    window_partition,
-    window_unpartition,
-)
+from mmpvt.models.attention import decomposed_rel_pos, window_partition, window_unpartition
+from mmpvt.models.layers import LayerNorm2d, abs_pos_embed_to_grid
 from mmpvt.models.vitdet import VITDET_ARCHS, detect_vitdet_layout
 
 ROOT_DIR = Path(__file__).resolve().parents[1]

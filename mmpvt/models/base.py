@@ -21,11 +21,17 @@ What a family provides:
   call to :meth:`DenseBackbone.freeze_stages`;
 - ``frozen_modules(k)``, ``num_layers``, ``layer_id(name)``, ``forward`` (which calls
   :meth:`DenseBackbone.check_input`), and optionally ``_complete_arch`` (defaults and checks
-  of the resolved arch) and ``adapt_tensor`` (fitting a loaded tensor of another shape, such
-  as a position embedding learned at another image size).
+  of the resolved arch);
+- for loading, what it has, as data: ``optional_groups`` (tensors a checkpoint may lack as a
+  whole by design), ``rel_pos_tables`` and :meth:`position_grids` (tables learned at another
+  size, fitted on load), :meth:`unbuilt_prefixes` (tensors of levels not built, skipped); the
+  base's :meth:`adapt_loaded_state_dict` does the rest, on every load path. Blocks read
+  :meth:`drop_path_rates` and :attr:`recompute`.
 """
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,6 +41,8 @@ from mmengine.model import BaseModule
 from torch import nn
 
 from ..checkpoint import load_backbone_checkpoint, shape_mismatch
+from .attention import resize_rel_pos
+from .layers import HW, resize_pos_embed
 
 # The normalisation layers that ``norm_eval`` keeps in eval mode during training.
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -80,6 +88,14 @@ class DenseBackbone(BaseModule):
     # Channels and strides of every level, set by the family once its layers are built.
     level_channels: tuple[int, ...] = ()
     level_strides: tuple[int, ...] = ()
+    # Loading (see adapt_loaded_state_dict). Groups of the model's tensors that a checkpoint
+    # may lack as a whole by design (a classification file has no output norms): what -> key
+    # patterns, a prefix where the pattern ends with '.', a suffix otherwise.
+    optional_groups: dict[str, tuple[str, ...]] = {}
+    # Suffixes of relative-position tables: one of another length is resized linearly on load.
+    rel_pos_tables: tuple[str, ...] = ()
+    # What unbuilt_prefixes() name, for the log line of a load that skips them.
+    unbuilt_parts = 'levels'
 
     def __init__(self, arch: str | Mapping[str, Any], in_channels: int = 3,
                  out_indices: int | Sequence[int] = (0, 1, 2, 3), frozen_stages: int = -1,
@@ -130,13 +146,42 @@ class DenseBackbone(BaseModule):
         """Fills the family's defaults into a resolved arch and checks it; raises ValueError."""
         return settings
 
+    def position_grids(self) -> dict[str, tuple[int, HW, str]]:
+        """The model's absolute position embeddings: key -> (rows in front of the grid, the
+        model's grid, the resize mode). One learned on another square grid is resized on load."""
+        return {}
+
+    def unbuilt_prefixes(self) -> tuple[str, ...]:
+        """Key prefixes of parts a checkpoint may hold that this model does not build (levels
+        outside ``out_indices``): skipped on load, with a log line."""
+        return ()
+
+    def check_loaded_keys(self, keys: Sequence[str]) -> None:
+        """Refuses, with CheckpointError, a checkpoint of a design this family cannot load
+        (``keys`` relative to the backbone); the default refuses nothing."""
+
+    def convert_checkpoint(self, checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """What ``init_cfg`` loads: the family's converter (a family may say more as it converts)."""
+        return self.convert_state_dict(checkpoint)
+
     def adapt_tensor(self, name: str, loaded: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
         """A loaded tensor whose shape differs from the model's, fitted to it, or None to refuse.
 
-        ``name`` is the state-dict key relative to the backbone. The default refuses every
-        shape change; a family fits what its design allows (e.g. position embeddings learned
-        at another image size).
+        ``name`` is the state-dict key relative to the backbone. Fitted: an absolute position
+        embedding of :meth:`position_grids` learned on another square grid (its front rows
+        kept, the grid resized), a relative-position table (``rel_pos_tables``) of another
+        length (resized linearly). Everything else is refused.
         """
+        grids = self.position_grids()
+        if name in grids and loaded.dim() == 3 and loaded.shape[2] == own.shape[2]:
+            rows, grid, mode = grids[name]
+            side = math.isqrt(loaded.shape[1] - rows)
+            if side * side == loaded.shape[1] - rows:
+                resized = resize_pos_embed(loaded[:, rows:], (side, side), grid, mode=mode)
+                return torch.cat([loaded[:, :rows], resized], dim=1)
+        if self.rel_pos_tables and name.endswith(self.rel_pos_tables) and loaded.dim() == 2 \
+                and loaded.shape[1] == own.shape[1]:
+            return resize_rel_pos(loaded, own.shape[0])
         return None
 
     # -- construction -----------------------------------------------------------------------
@@ -232,7 +277,7 @@ class DenseBackbone(BaseModule):
         """Loads ``init_cfg``'s checkpoint in any layout the family knows; other init_cfgs as mmengine."""
         init_cfg = self.init_cfg
         if isinstance(init_cfg, Mapping) and init_cfg.get('type') == 'Pretrained':
-            load_backbone_checkpoint(self, init_cfg['checkpoint'], self.convert_state_dict,
+            load_backbone_checkpoint(self, init_cfg['checkpoint'], self.convert_checkpoint,
                                      map_location=init_cfg.get('map_location', 'cpu'))
             self._is_init = True
         else:
@@ -241,10 +286,42 @@ class DenseBackbone(BaseModule):
     def adapt_loaded_state_dict(self, state_dict: dict[str, Any], prefix: str = '') -> None:
         """Fits a state dict about to be loaded to this model, in place, or refuses it.
 
-        A tensor whose shape differs from the model's is passed to ``adapt_tensor``; unless
-        that fits it, CheckpointError names the key and both shapes (torch and mmengine would
-        only warn, or fail less clearly). Keys one side lacks are left to the caller.
+        In order: :meth:`check_loaded_keys` may refuse the checkpoint's design; tensors under
+        :meth:`unbuilt_prefixes` are skipped (one log line); a tensor whose shape differs from
+        the model's is passed to ``adapt_tensor``, and unless that fits it CheckpointError
+        names the key and both shapes (torch and mmengine would only warn, or fail less
+        clearly); an ``optional_groups`` group absent as a whole, beside every other tensor of
+        the model, keeps the model's own values (its initialisation), with a warning that
+        names it. A group only partly present, and any other key one side lacks, is left to
+        the caller to refuse.
         """
+        logger = MMLogger.get_current_instance()
+        name = type(self).__name__
+        self.check_loaded_keys([k[len(prefix):] for k in state_dict if k.startswith(prefix)])
+        unbuilt = self.unbuilt_prefixes()
+        skipped = [k for k in state_dict
+                   if unbuilt and k.startswith(prefix) and k[len(prefix):].startswith(unbuilt)]
+        for key in skipped:
+            del state_dict[key]
+        if skipped:
+            print_log(f'{name}: skipped {len(skipped)} checkpoint tensors of {self.unbuilt_parts} outside '
+                      f'out_indices {self.out_indices}', logger)
+        self._fit_shapes(state_dict, prefix)
+        own = self.state_dict()
+        groups = {what: [k for k in own if _matches(k, patterns)]
+                  for what, patterns in self.optional_groups.items()}
+        grouped = {k for keys in groups.values() for k in keys}
+        if not all(prefix + k in state_dict for k in own if k not in grouped):
+            return
+        for what, keys in groups.items():
+            if keys and not any(prefix + k in state_dict for k in keys):
+                state_dict.update({prefix + k: own[k] for k in keys})
+                print_log(f'{name}: the checkpoint has no {what} (expected of a pre-training or '
+                          f'classification file): {len(keys)} tensors keep their initialisation', logger,
+                          level=logging.WARNING)
+
+    def _fit_shapes(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """The shape check of :meth:`adapt_loaded_state_dict`."""
         for name, own in self.state_dict().items():
             key = prefix + name
             loaded = state_dict.get(key)
@@ -272,3 +349,8 @@ class DenseBackbone(BaseModule):
                     f'{type(self).__name__} got NaN or inf in its input batch during training; check the '
                     'data pipeline (a corrupt image, a division by a zero std). '
                     'check_finite=False turns this check off.')
+
+
+def _matches(key: str, patterns: Sequence[str]) -> bool:
+    """Whether ``key`` has one of ``patterns``: a prefix where it ends with '.', else a suffix."""
+    return any(key.startswith(p) if p.endswith('.') else key.endswith(p) for p in patterns)

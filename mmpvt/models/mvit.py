@@ -11,13 +11,12 @@ forward, and a new LayerNorm per output level applied to a copy of the trunk.
 
 The file reads bottom-up: the layers specific to MViTv2, the block, the stage rules (which
 block pools by how much, where windows shrink and attention goes global), the backbone,
-checkpoint conversion, then the table of variants. Windows, relative positions and the MLP
-are in ``layers.py``.
+checkpoint conversion, then the table of variants. Windows and relative positions are in
+``attention.py``, the MLP in ``layers.py``.
 """
 from __future__ import annotations
 
 import itertools
-import logging
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -25,22 +24,14 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mmengine.logging import MMLogger, print_log
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import unwrap_checkpoint
 from ..registry import register_model
+from .attention import rel_pos_attention, rel_pos_lookup, window_partition
 from .base import DenseBackbone
-from .layers import (
-    DropPath,
-    Mlp,
-    init_linear_and_norm,
-    rel_pos_attention,
-    rel_pos_lookup,
-    resize_rel_pos,
-    window_partition,
-)
+from .layers import DropPath, Mlp, PatchEmbed, init_linear_and_norm
 
 # LayerNorm eps of every MViTv2 release and of detectron2's MViT configs.
 NORM_EPS = 1e-6
@@ -53,21 +44,6 @@ NUM_STAGES = 4
 
 
 # -- layers ----------------------------------------------------------------------------------
-class PatchEmbed(nn.Module):
-    """The 7x7 / stride-4 / padding-3 convolution stem, without a norm: ``(B, H/4, W/4, C)`` tokens.
-
-    Sizes round up (``ceil(H / 4)``), as the padded convolution does.
-    """
-
-    def __init__(self, in_channels: int, embed_dims: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, embed_dims, kernel_size=7, stride=4, padding=3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A channels-last image gives a channels-last map, whose (B, H, W, C) view is contiguous.
-        return self.proj(x.contiguous(memory_format=torch.channels_last)).permute(0, 2, 3, 1)
-
-
 class HeadSharedPool(nn.Conv2d):
     """MViTv2's attention pooling: a 3x3 depthwise convolution (padding 1, no bias) over one
     head's channels, the same weights for every head.
@@ -386,6 +362,11 @@ class MViTv2(DenseBackbone):
 
     required_arch_keys = ('embed_dims', 'depths', 'num_heads')
     level_strides = (4, 8, 16, 32)
+    # A classification checkpoint (the releases, timm, mmpretrain) has none of the output
+    # norms, which detectron2 adds.
+    optional_groups = {'output norms': tuple(f'{_out_norm_name(level)}.' for level in range(NUM_STAGES))}
+    rel_pos_tables = ('attn.rel_pos_h', 'attn.rel_pos_w')
+    unbuilt_parts = 'output norms'
 
     def __init__(self, arch: str | Mapping[str, Any] = 'base', in_channels: int = 3,
                  out_indices: int | Sequence[int] = (0, 1, 2, 3), drop_path_rate: float | None = None,
@@ -402,7 +383,9 @@ class MViTv2(DenseBackbone):
         self.window_size = window_size
         self.global_kv_stride_x2 = global_kv_stride_x2
         self.block_specs = mvit_block_specs(settings, window_size, global_kv_stride_x2)
-        self.patch_embed = PatchEmbed(in_channels, settings['embed_dims'][0])
+        # The 7x7 / stride-4 / padding-3 stem without a norm: ceil(H / 4) x ceil(W / 4) tokens.
+        self.patch_embed = PatchEmbed(in_channels, settings['embed_dims'][0], kernel_size=7, stride=4,
+                                      padding=3)
         rates = self.drop_path_rates(self.default(drop_path_rate, 'drop_path_rate'), len(self.block_specs))
         self.blocks = nn.ModuleList(
             MultiScaleBlock(spec.dims, spec.out_dims, spec.num_heads, spec.q_stride, spec.kv_stride,
@@ -458,43 +441,10 @@ class MViTv2(DenseBackbone):
             return self.stage_ends[int(m[1]) - 2] + 1
         raise ValueError(f'MViTv2.layer_id: {name!r} is no parameter of the backbone')
 
-    def adapt_tensor(self, name: str, loaded: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
-        """Resizes relative-position tables of another length (a model pre-trained at another
-        size) linearly; refuses anything else."""
-        if name.endswith(('attn.rel_pos_h', 'attn.rel_pos_w')) and loaded.dim() == 2 \
-                and loaded.shape[1] == own.shape[1]:
-            return resize_rel_pos(loaded, own.shape[0])
-        return None
-
-    def adapt_loaded_state_dict(self, state_dict: dict[str, Any], prefix: str = '') -> None:
-        """The base's shape check, and the output norms a checkpoint may lack or have in excess.
-
-        - Output norms of levels outside ``out_indices`` (a detector trained with all four)
-          are skipped, with a log line.
-        - A classification checkpoint (the releases, timm, mmpretrain) has none of the output
-          norms, which detectron2 adds: when every other tensor is there and all of them are
-          absent, they keep their initialisation (unit weight, zero bias), with a warning that
-          says so. Some present and some absent is left to fail as any missing key does.
-        """
-        logger = MMLogger.get_current_instance()
-        unbuilt = tuple(f'{_out_norm_name(level)}.' for level in range(self.num_levels)
-                        if level not in self.out_indices)
-        skipped = [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].startswith(unbuilt)]
-        for key in skipped:
-            del state_dict[key]
-        if skipped:
-            print_log(f'{type(self).__name__}: skipped {len(skipped)} checkpoint tensors of output norms '
-                      f'outside out_indices {self.out_indices}', logger)
-        super().adapt_loaded_state_dict(state_dict, prefix)
-        own = self.state_dict()
-        norms = [k for k in own if _OUT_NORM_KEY.match(k)]
-        if any(prefix + k in state_dict for k in norms):
-            return
-        if all(prefix + k in state_dict for k in own if k not in norms):
-            state_dict.update({prefix + k: own[k] for k in norms})
-            print_log(f'{type(self).__name__}: the checkpoint has no output norms (expected of a '
-                      f'classification file): {len(norms)} tensors keep their initialisation',
-                      logger, level=logging.WARNING)
+    def unbuilt_prefixes(self) -> tuple[str, ...]:
+        """The output norms of levels outside ``out_indices`` (a detector trained with all four)."""
+        return tuple(f'{_out_norm_name(level)}.' for level in range(self.num_levels)
+                     if level not in self.out_indices)
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

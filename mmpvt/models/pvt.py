@@ -249,7 +249,9 @@ class PVTStage(nn.Module):
     def forward(self, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
         """``recompute``: each block's activations are recomputed in backward (the backbone's
         ``with_cp``, in a training step)."""
-        x, hw = self.patch_embed(x)
+        x = self.patch_embed(x)
+        hw = (x.shape[1], x.shape[2])
+        x = x.flatten(1, 2)
         if self.pos_embed is not None:
             # Resized whenever the grid differs from pre-training's, at every stage.
             x = self.pos_drop(x + resize_pos_embed(self.pos_embed, self.pos_grid, hw))
@@ -380,15 +382,11 @@ class PyramidVisionTransformerBase(DenseBackbone):
             return first_block + int(m[3]) + 1
         return first_block + depths[stage]  # the output norm: with the stage's last block
 
-    def adapt_tensor(self, name: str, loaded: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
-        """Resizes a v1 position embedding learned on a square grid of another size."""
-        if not name.endswith('pos_embed'):
-            return None
-        grid = getattr(self.get_submodule(name.rpartition('.')[0]), 'pos_grid', None)
-        side = math.isqrt(loaded.shape[1]) if loaded.dim() == 3 else 0
-        if grid is None or side * side != loaded.shape[1] or loaded.shape[2] != own.shape[2]:
-            return None
-        return resize_pos_embed(loaded, (side, side), grid)
+    def position_grids(self) -> dict[str, tuple[int, HW, str]]:
+        """v1's position embeddings, one per stage: one learned on a square grid of another
+        size is resized to the stage's pre-training grid."""
+        return {f'stages.{i}.pos_embed': (0, stage.pos_grid, 'bilinear')
+                for i, stage in enumerate(self.stages) if stage.pos_embed is not None}
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -11,7 +11,7 @@ For dense prediction the grids come from the unfold arithmetic (any input of at 
 non-square included; the authors' code takes square inputs of its build size only), the
 position table is resized to the grid as the authors resize it for transfer, and the
 stride-16 map of the patch tokens goes through the scale changes of ViTDet's simple pyramid
-(shared with ViTDet in ``layers.py``) to four maps at strides 4, 8, 16, 32.
+(shared with ViTDet in ``pyramid.py``) to four maps at strides 4, 8, 16, 32.
 
 The file reads bottom-up: grid arithmetic and fixed tables, the two token layers, the
 tokens-to-token module, the backbone, checkpoint conversion, then the table of variants.
@@ -31,21 +31,12 @@ from mmengine.logging import MMLogger, print_log
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import CheckpointError, load_backbone_checkpoint, unwrap_checkpoint
+from ..checkpoint import CheckpointError, unwrap_checkpoint
 from ..registry import register_model
+from .attention import TransformerBlock
 from .base import DenseBackbone
-from .layers import (
-    HW,
-    PYRAMID_PREFIXES,
-    Mlp,
-    TransformerBlock,
-    add_pyramid_scale_changes,
-    drop_unbuilt_pyramid_levels,
-    init_linear_and_norm,
-    nlc_to_nchw,
-    pyramid_level,
-    resize_pos_embed,
-)
+from .layers import HW, Mlp, init_linear_and_norm, nlc_to_nchw, resize_pos_embed
+from .pyramid import SimplePyramid
 
 # nn.LayerNorm's default eps: every LayerNorm of the authors' code (token layers, blocks, final norm).
 NORM_EPS = 1e-5
@@ -325,6 +316,9 @@ class T2TViT(DenseBackbone):
 
     required_arch_keys = ('embed_dims', 'depth', 'num_heads', 'mlp_ratio', 'tokens_type')
     level_strides = (4, 8, 16, 32)
+    # An ImageNet checkpoint (the authors', mmpretrain's) has no scale changes by design.
+    optional_groups = {'pyramid scale changes': SimplePyramid.PREFIXES}
+    unbuilt_parts = 'pyramid levels'
 
     def __init__(self, arch: str | Mapping[str, Any] = '14', img_size: int | Sequence[int] = 224,
                  in_channels: int = 3, out_indices: int | Sequence[int] = (0, 1, 2, 3),
@@ -362,8 +356,8 @@ class T2TViT(DenseBackbone):
             TransformerBlock(dims, settings['num_heads'], settings['mlp_ratio'], qkv_bias=False,
                              norm_eps=NORM_EPS, drop_path=rate) for rate in rates)
         self.norm = nn.LayerNorm(dims, eps=NORM_EPS)
-        # The scale changes of the simple pyramid, flat in the state dict.
-        self.level_channels = add_pyramid_scale_changes(self, dims, self.out_indices)
+        self.pyramid = SimplePyramid(self, dims, self.out_indices)
+        self.level_channels = self.pyramid.channels
 
         # The authors' initialisation: truncated-normal linears, unit LayerNorms, the class
         # token truncated-normal; the pyramid's deconvolutions keep PyTorch's default.
@@ -413,67 +407,33 @@ class T2TViT(DenseBackbone):
             return 0
         if m := re.match(r'blocks\.(\d+)\.', name):
             return int(m[1]) + 1
-        if name.startswith(('norm.', *PYRAMID_PREFIXES)):
+        if name.startswith('norm.') or self.pyramid.owns(name):
             return self.num_layers + 1
         raise ValueError(f'T2TViT.layer_id: {name!r} is no parameter of the backbone')
 
-    def adapt_tensor(self, name: str, loaded: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
-        """Fits a position table made for another square grid (the authors' 384 release:
-        24x24) to the model's grid, bicubically with the class row kept; refuses the rest."""
-        if name == 'pos_embed' and loaded.dim() == 3 and loaded.shape[2] == own.shape[2]:
-            side = math.isqrt(loaded.shape[1] - NUM_PREFIX_TOKENS)
-            if side * side == loaded.shape[1] - NUM_PREFIX_TOKENS:
-                grid = resize_pos_embed(loaded[:, NUM_PREFIX_TOKENS:], (side, side), self.pos_grid,
-                                        mode='bicubic')
-                return torch.cat([loaded[:, :NUM_PREFIX_TOKENS], grid], dim=1)
-        return None
+    def position_grids(self) -> dict[str, tuple[int, HW, str]]:
+        """The position table: one made for another square grid (the authors' 384 release:
+        24x24) is resized bicubically, the class row kept."""
+        return {'pos_embed': (NUM_PREFIX_TOKENS, self.pos_grid, 'bicubic')}
 
-    def adapt_loaded_state_dict(self, state_dict: dict[str, Any], prefix: str = '') -> None:
-        """The base's shape check, a clear refusal of the other token type, and the pyramid
-        an ImageNet checkpoint lacks by design.
+    def unbuilt_prefixes(self) -> tuple[str, ...]:
+        return self.pyramid.unbuilt_prefixes
 
-        - Tensors of pyramid levels this model does not build (``out_indices``) are skipped,
-          with a log line.
-        - Token layers of the other type (performer weights into transformer tokens, or the
-          reverse) are refused with both lists of keys: the ones missing and the unexpected.
-        - A classification checkpoint (the authors', mmpretrain's) has no scale changes:
-          absent as a whole, beside a complete column, they keep the model's initialisation,
-          with a warning. Only partly present, they fail as any missing key does.
-        """
-        drop_unbuilt_pyramid_levels(self, state_dict, prefix)
-        own = self.state_dict()
-        mine = [k for k in own if k.startswith('tokens_to_token.')]
-        theirs = [k[len(prefix):] for k in state_dict if k.startswith(prefix + 'tokens_to_token.')]
+    def check_loaded_keys(self, keys: Sequence[str]) -> None:
+        """Refuses token layers of the other type (performer weights into transformer tokens, or
+        the reverse) with both lists of keys: the ones missing and the unexpected."""
+        mine = [k for k in self.state_dict() if k.startswith('tokens_to_token.')]
+        theirs = [k for k in keys if k.startswith('tokens_to_token.')]
         other = {_token_type(k) for k in theirs} - {None, self.tokens_type}
         if other:
-            missing = [prefix + k for k in mine if k not in set(theirs)]
-            unexpected = [prefix + k for k in theirs if k not in set(mine)]
+            missing = [k for k in mine if k not in set(theirs)]
+            unexpected = [k for k in theirs if k not in set(mine)]
             raise CheckpointError(
                 f"{type(self).__name__}: the checkpoint's token layers are {other.pop()}s, this model's are "
                 f"{self.tokens_type}s (the arch's tokens_type); missing keys: {', '.join(missing)}; "
                 f"unexpected keys: {', '.join(unexpected)}")
-        super().adapt_loaded_state_dict(state_dict, prefix)
-        pyramid = [k for k in own if k.startswith(PYRAMID_PREFIXES)]
-        column = [k for k in own if k not in set(pyramid)]
-        if pyramid and all(prefix + k in state_dict for k in column) \
-                and not any(prefix + k in state_dict for k in pyramid):
-            state_dict.update({prefix + k: own[k] for k in pyramid})
-            print_log(f'{type(self).__name__}: the checkpoint has no pyramid scale changes (expected of a '
-                      f'classification file): {len(pyramid)} tensors keep their initialisation',
-                      MMLogger.get_current_instance(), level=logging.WARNING)
 
-    def init_weights(self) -> None:
-        """As the base's, and an mmpretrain-layout checkpoint loaded with ``token_scale='official'``
-        logs a warning: its token layers were trained with mmpretrain's logit scale."""
-        init_cfg = self.init_cfg
-        if not (isinstance(init_cfg, Mapping) and init_cfg.get('type') == 'Pretrained'):
-            super().init_weights()
-            return
-        load_backbone_checkpoint(self, init_cfg['checkpoint'], self._convert_checkpoint,
-                                 map_location=init_cfg.get('map_location', 'cpu'))
-        self._is_init = True
-
-    def _convert_checkpoint(self, checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    def convert_checkpoint(self, checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """:func:`convert_t2t_state_dict`, saying what it took and warning of a scale mismatch."""
         logger = MMLogger.get_current_instance()
         if isinstance(checkpoint.get('state_dict_ema'), Mapping) and checkpoint['state_dict_ema']:
@@ -506,7 +466,7 @@ class T2TViT(DenseBackbone):
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         x = nlc_to_nchw(self.norm(x[:, 0, NUM_PREFIX_TOKENS:]), hw)
-        return tuple(pyramid_level(self, i, x) for i in self.out_indices)
+        return self.pyramid(self, x)
 
     def _pos_embed(self, hw: HW) -> torch.Tensor:
         """The position table for a ``hw`` grid: the class row, then the grid resized bicubically."""
@@ -571,7 +531,7 @@ def detect_t2t_layout(state_dict: Mapping[str, Any]) -> str:
                          f'T2T_ViT, mmpvt); first keys: {list(state_dict)[:5]}')
     if any(k.startswith('encoder.') or '.ln1.' in k for k in keys):
         return 'mmpretrain'
-    if wrapped or any(k.startswith(PYRAMID_PREFIXES) for k in keys):
+    if wrapped or any(k.startswith(SimplePyramid.PREFIXES) for k in keys):
         return 'mmpvt'
     return 'official'
 

@@ -15,7 +15,6 @@ variants. The blocks and position helpers are in ``layers.py``.
 """
 from __future__ import annotations
 
-import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -24,25 +23,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from mmengine.logging import MMLogger, print_log
 from mmengine.model import BaseModule
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import unwrap_checkpoint
 from ..registry import register_model
+from .attention import TransformerBlock
 from .base import DenseBackbone
-from .layers import (
-    LayerNorm2d,
-    TransformerBlock,
-    abs_pos_embed_to_grid,
-    add_pyramid_scale_changes,
-    drop_unbuilt_pyramid_levels,
-    init_linear_and_norm,
-    pyramid_level,
-    resize_pos_embed,
-    resize_rel_pos,
-)
+from .layers import HW, LayerNorm2d, PatchEmbed, abs_pos_embed_to_grid, init_linear_and_norm
+from .pyramid import SimplePyramid
 
 # LayerNorm eps of detectron2's ViTDet and of the ViT/MAE pre-training code.
 NORM_EPS = 1e-6
@@ -52,24 +42,6 @@ NUM_PREFIX_TOKENS = 1
 # The paper's box and mask heads normalise with the same channel LayerNorm: registered so that
 # configs name it as a norm layer, norm_cfg=dict(type='LayerNorm2d', eps=1e-6).
 register_model(LayerNorm2d)
-
-
-class PatchEmbed(nn.Module):
-    """Non-overlapping ``patch_size`` patches to ``(B, H // p, W // p, C)`` tokens.
-
-    Sizes that are not multiples of the patch are floored (the last partial patch is
-    dropped), as in timm and detectron2.
-    """
-
-    def __init__(self, in_channels: int, embed_dims: int, patch_size: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(in_channels, embed_dims, patch_size, stride=patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A channels-last image makes the projection channels-last, so the (B, H, W, C)
-        # view below is contiguous and the blocks need no copy.
-        x = self.proj(x.contiguous(memory_format=torch.channels_last))
-        return x.permute(0, 2, 3, 1)
 
 
 @register_model
@@ -114,6 +86,12 @@ class ViTDet(DenseBackbone):
 
     required_arch_keys = ('embed_dims', 'depth', 'num_heads')
     level_strides = (4, 8, 16, 32)
+    # A checkpoint of the plain column (MAE, timm, DeiT) has neither: the tables start at
+    # zero, as detectron2 starts them, and the scale changes at their initialisation.
+    optional_groups = {'relative-position tables': ('.rel_pos_h', '.rel_pos_w'),
+                       'pyramid scale changes': SimplePyramid.PREFIXES}
+    rel_pos_tables = ('attn.rel_pos_h', 'attn.rel_pos_w')
+    unbuilt_parts = 'pyramid levels'
 
     def __init__(self, arch: str | Mapping[str, Any] = 'base', img_size: int | Sequence[int] = 1024,
                  patch_size: int = 16, in_channels: int = 3, out_indices: int | Sequence[int] = (0, 1, 2, 3),
@@ -136,7 +114,9 @@ class ViTDet(DenseBackbone):
         self.patch_size = patch_size
         self.window_size = window_size
         self.use_rel_pos = use_rel_pos
-        self.patch_embed = PatchEmbed(in_channels, dims, patch_size)
+        # Non-overlapping patches, no norm; sizes that are not multiples of the patch are floored
+        # (the last partial patch dropped), as in timm and detectron2.
+        self.patch_embed = PatchEmbed(in_channels, dims, patch_size, stride=patch_size)
         self.pos_grid = (pretrain_img_size // patch_size,) * 2
         if use_abs_pos:
             self.pos_embed = nn.Parameter(torch.zeros(1, NUM_PREFIX_TOKENS + self.pos_grid[0] ** 2, dims))
@@ -154,8 +134,8 @@ class ViTDet(DenseBackbone):
                 rel_pos_size=grid if use_rel_pos else None, norm_eps=NORM_EPS, drop=drop_rate,
                 attn_drop=attn_drop_rate, drop_path=rates[i]))
 
-        # The scale changes of the simple pyramid, flat in the state dict.
-        self.level_channels = add_pyramid_scale_changes(self, dims, self.out_indices, norm_eps=NORM_EPS)
+        self.pyramid = SimplePyramid(self, dims, self.out_indices, norm_eps=NORM_EPS)
+        self.level_channels = self.pyramid.channels
 
         self.apply(_init_weights)
         if self.pos_embed is not None:
@@ -206,55 +186,16 @@ class ViTDet(DenseBackbone):
             return 0
         if m := re.match(r'blocks\.(\d+)\.', name):
             return int(m[1]) + 1
-        if name.startswith(('scale_x4.', 'scale_x2.')):
+        if self.pyramid.owns(name):
             return self.num_layers + 1
         raise ValueError(f'ViTDet.layer_id: {name!r} is no parameter of the backbone')
 
-    def adapt_tensor(self, name: str, loaded: torch.Tensor, own: torch.Tensor) -> torch.Tensor | None:
-        """Fits position embeddings and relative-position tables learned at other sizes.
+    def position_grids(self) -> dict[str, tuple[int, HW, str]]:
+        """The absolute embedding (e.g. a 384 pre-training's 24x24 grid is resized bicubically)."""
+        return {} if self.pos_embed is None else {'pos_embed': (NUM_PREFIX_TOKENS, self.pos_grid, 'bicubic')}
 
-        An absolute embedding of another square grid (e.g. 384 pre-training, 24x24) is
-        resized bicubically to the model's grid; a relative-position table of another length
-        (another ``img_size`` or window) is resized linearly. Anything else is refused.
-        """
-        if name == 'pos_embed' and loaded.dim() == 3 and loaded.shape[2] == own.shape[2]:
-            side = math.isqrt(loaded.shape[1] - NUM_PREFIX_TOKENS)
-            if side * side == loaded.shape[1] - NUM_PREFIX_TOKENS:
-                prefix, grid = loaded[:, :NUM_PREFIX_TOKENS], loaded[:, NUM_PREFIX_TOKENS:]
-                grid = resize_pos_embed(grid, (side, side), self.pos_grid, mode='bicubic')
-                return torch.cat([prefix, grid], dim=1)
-        if name.endswith(('attn.rel_pos_h', 'attn.rel_pos_w')) and loaded.dim() == 2 \
-                and loaded.shape[1] == own.shape[1]:
-            return resize_rel_pos(loaded, own.shape[0])
-        return None
-
-    def adapt_loaded_state_dict(self, state_dict: dict[str, Any], prefix: str = '') -> None:
-        """The base's shape check, and the gaps a ViTDet checkpoint may have by design.
-
-        - Tensors of pyramid levels this model does not build (``out_indices``) are skipped,
-          with a log line.
-        - A checkpoint of the plain column (MAE, timm, DeiT: no relative-position tables,
-          no pyramid) lacks whole groups of this model's tensors: the relative-position
-          tables (detectron2 starts them at zero too) and the scale changes. A group absent
-          as a whole, beside a complete trunk, keeps the model's own values (its
-          initialisation, zeros for the tables), with a warning that names it. A group only
-          partly present is left to fail as any missing key does.
-        """
-        logger = MMLogger.get_current_instance()
-        drop_unbuilt_pyramid_levels(self, state_dict, prefix)
-        super().adapt_loaded_state_dict(state_dict, prefix)
-        own = self.state_dict()
-        groups = {'relative-position tables': [k for k in own if k.endswith(('.rel_pos_h', '.rel_pos_w'))],
-                  'pyramid scale changes': [k for k in own if k.startswith(('scale_x4.', 'scale_x2.'))]}
-        trunk = [k for k in own if not any(k in group for group in groups.values())]
-        if not all(prefix + k in state_dict for k in trunk):
-            return
-        for what, keys in groups.items():
-            if keys and not any(prefix + k in state_dict for k in keys):
-                state_dict.update({prefix + k: own[k] for k in keys})
-                print_log(f'{type(self).__name__}: the checkpoint has no {what} (expected of a '
-                          f'pre-training file): {len(keys)} tensors keep their initialisation', logger,
-                          level=logging.WARNING)
+    def unbuilt_prefixes(self) -> tuple[str, ...]:
+        return self.pyramid.unbuilt_prefixes
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -272,7 +213,7 @@ class ViTDet(DenseBackbone):
         for block in self.blocks:
             x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         x = x.permute(0, 3, 1, 2)  # (B, C, H, W), channels-last
-        return tuple(pyramid_level(self, i, x) for i in self.out_indices)
+        return self.pyramid(self, x)
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -380,7 +321,7 @@ def detect_vitdet_layout(state_dict: Mapping[str, Any]) -> str:
                          f'ViTDet, mmdet ViTDet, mmpvt); first keys: {list(state_dict)[:5]}')
     if any(k.startswith(('net.', 'simfp_')) for k in keys):
         return 'detectron2'
-    if any(k.startswith(('scale_x4.', 'scale_x2.')) for k in keys):
+    if any(k.startswith(SimplePyramid.PREFIXES) for k in keys):
         return 'mmpvt'
     if any(k.startswith('neck.fpn') for k in state_dict):
         return 'mmdet'
