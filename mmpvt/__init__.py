@@ -4,8 +4,11 @@ Importing the package is all a config needs::
 
     custom_imports = dict(imports=['mmpvt'], allow_failed_imports=False)
 
-It registers ``PVT`` and ``PVTv2`` so that they build unprefixed under the ``mmdet`` and
-``mmseg`` default scopes, and as ``mmpvt.PVT`` / ``mmpvt.PVTv2`` under any scope.
+It registers the backbones (``PVT``, ``PVTv2``, ``ViTDet`` with its neck ``ViTDetNeck``,
+``MViTv2``, ``T2TViT``) so that they build unprefixed under the ``mmdet`` and ``mmseg``
+default scopes, and as ``mmpvt.<name>`` under any scope; the layer-decay optimizer
+constructor and the engine's hooks and wrappers; and makes checkpoints load safely
+(``weights_only``) under torch >= 2.6. ``mmpvt.apis`` is the inference API.
 """
 from .compat import check_versions
 from .version import __version__
@@ -15,8 +18,8 @@ check_versions()
 
 from . import engine  # noqa: E402,F401  (registers the layer-decay optimizer constructor)
 from .checkpoint import install_safe_loading  # noqa: E402
-from .models import PVT, PVTv2, convert_pvt_state_dict  # noqa: E402
+from .models import PVT, MViTv2, PVTv2, T2TViT, ViTDet, ViTDetNeck  # noqa: E402
 
 install_safe_loading()
 
-__all__ = ['__version__', 'PVT', 'PVTv2', 'convert_pvt_state_dict']
+__all__ = ['__version__', 'PVT', 'PVTv2', 'ViTDet', 'ViTDetNeck', 'MViTv2', 'T2TViT']

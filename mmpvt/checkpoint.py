@@ -164,7 +164,7 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any], wrappers: Sequence[str],
                       skip_empty: bool = False) -> dict[str, Any]:
     """The flat state dict inside a checkpoint: the first of ``wrappers`` that holds a dict
     (a non-empty one with ``skip_empty``), or the checkpoint itself, without the ``module.``
-    prefix of a model saved inside DataParallel. Each family names its releases' wrappers."""
+    prefix of a model saved inside DataParallel."""
     state = checkpoint
     for wrapper in wrappers:
         if isinstance(state.get(wrapper), Mapping) and (state[wrapper] or not skip_empty):
@@ -173,6 +173,82 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any], wrappers: Sequence[str],
     if state and all(k.startswith('module.') for k in state):
         state = {k[len('module.'):]: v for k, v in state.items()}
     return dict(state)
+
+
+# The prefix of a backbone's keys inside a detector, segmentor or classifier checkpoint.
+BACKBONE_PREFIX = 'backbone.'
+
+
+class CheckpointFormat:
+    """How a backbone family reads checkpoints: every layout it knows, to its own state dict.
+
+    One subclass per family, set as the backbone's ``checkpoint_format``. The steps, and their
+    names, are the same for every family; the family states only what is its own:
+
+    - ``wrappers``: the keys a checkpoint may hold its state dict under (the first dict wins;
+      ``skip_empty_wrappers`` passes over empty ones);
+    - ``_detect(inside, outside)``: the layout's name, judged by the family's own keys only;
+      ValueError for a state dict that is not the family's;
+    - ``_drops(key, layout)``: a backbone key the family has no use for (a classifier's head);
+    - ``_adopts(key, layout)``: a key outside the backbone that belongs to it in that layout
+      (mmdet's ViTDet project keeps the pyramid's scale changes in its neck);
+    - ``_convert(state, layout)``: the renames to the family's names.
+
+    Here, once for all: unwrapping, DataParallel's ``module.`` and a detector's ``backbone.``
+    prefixes, numpy arrays (detectron2's ``.pkl`` files) as tensors, and the list of dropped
+    keys. :meth:`convert` is pure and idempotent: its output converts to itself.
+    """
+
+    family = ''
+    wrappers: tuple[str, ...] = ('state_dict', 'model', 'module')
+    skip_empty_wrappers = False
+
+    # -- what every family does the same way ------------------------------------------------
+    def unwrap(self, checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+        """The flat state dict inside a release, training, detector or classifier checkpoint."""
+        return unwrap_checkpoint(checkpoint, self.wrappers, skip_empty=self.skip_empty_wrappers)
+
+    def _split(self, checkpoint: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any], str, str]:
+        """The backbone's keys (its prefix stripped), the keys outside it, the layout, and the
+        prefix the backbone's keys had ('' for a backbone's own checkpoint)."""
+        state = self.unwrap(checkpoint)
+        prefix = BACKBONE_PREFIX if any(k.startswith(BACKBONE_PREFIX) for k in state) else ''
+        inside = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        outside = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        return inside, outside, self._detect(inside, outside), prefix
+
+    def layout(self, checkpoint: Mapping[str, Any]) -> str:
+        """The name of the checkpoint's layout; ValueError if it is not this family's."""
+        return self._split(checkpoint)[2]
+
+    def convert(self, checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The checkpoint as the family's backbone state dict; ValueError if it is not the
+        family's. Every key the backbone could use is kept (a foreign tensor then fails the
+        load instead of vanishing); :meth:`dropped_keys` lists the others."""
+        inside, outside, layout, _ = self._split(checkpoint)
+        state = {k: v for k, v in inside.items() if not self._drops(k, layout)}
+        state.update({k: v for k, v in outside.items() if self._adopts(k, layout)})
+        state = {k: torch.as_tensor(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
+        return self._convert(state, layout)
+
+    def dropped_keys(self, checkpoint: Mapping[str, Any]) -> list[str]:
+        """The keys of the checkpoint's state dict that :meth:`convert` leaves out, as named there."""
+        inside, outside, layout, prefix = self._split(checkpoint)
+        return ([prefix + k for k in inside if self._drops(k, layout)]
+                + [k for k in outside if not self._adopts(k, layout)])
+
+    # -- what each family states ------------------------------------------------------------
+    def _detect(self, inside: Mapping[str, Any], outside: Mapping[str, Any]) -> str:
+        raise NotImplementedError(f'{type(self).__name__} does not say which layouts it reads')
+
+    def _drops(self, key: str, layout: str) -> bool:
+        return False
+
+    def _adopts(self, key: str, layout: str) -> bool:
+        return False
+
+    def _convert(self, state: dict[str, Any], layout: str) -> dict[str, torch.Tensor]:
+        return state
 
 
 def load_checkpoint_file(filename: str | os.PathLike, map_location: Any = 'cpu') -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import mmpvt  # noqa: F401  (registers the backbones)
-from mmpvt.checkpoint import CheckpointError
+from mmpvt.checkpoint import CheckpointError, CheckpointFormat
 from mmpvt.models.base import NORM_TYPES, DenseBackbone
 from mmpvt.registry import MODELS
 
@@ -84,7 +84,7 @@ def test_discovery_finds_the_known_families():
 @pytest.mark.parametrize('cls', BACKBONES, ids=lambda c: c.__name__)
 def test_family_states_its_variants_and_small_archs(cls):
     assert cls.arch_zoo and cls.required_arch_keys
-    assert cls.convert_state_dict is not DenseBackbone.convert_state_dict, 'no checkpoint converter'
+    assert isinstance(cls.checkpoint_format, CheckpointFormat) and cls.checkpoint_format.family
     assert SMALL_ARCHS.get(cls.__name__), f'add small test archs for {cls.__name__} to SMALL_ARCHS'
     for arch in SMALL_ARCHS[cls.__name__]:
         assert set(cls.required_arch_keys) <= set(arch)
@@ -300,6 +300,39 @@ def test_state_dict_round_trips_through_the_converter(case, tmp_path):
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(model(x), loaded.eval()(x)))
+
+
+def meta_state_dict(cls) -> dict[str, torch.Tensor]:
+    """The state dict of the family's first small arch, on the meta device (keys and shapes)."""
+    with torch.device('meta'):
+        return cls(arch=SMALL_ARCHS[cls.__name__][0]).state_dict()
+
+
+@pytest.mark.parametrize('cls', BACKBONES, ids=lambda c: c.__name__)
+def test_a_detector_checkpoint_gives_its_backbone_and_names_the_rest(cls):
+    """The same steps in every family: unwrap, the ``backbone.`` prefix stripped, the layout
+    named, the rest of the detector listed as dropped."""
+    state = meta_state_dict(cls)
+    detector = {'meta': {'epoch': 12}, 'state_dict': {**{f'backbone.{k}': v for k, v in state.items()},
+                                                       'neck.lateral_convs.0.conv.weight': torch.zeros(1)}}
+    fmt = cls.checkpoint_format
+    assert fmt.layout(state) == fmt.layout(detector) == 'mmpvt'
+    assert list(fmt.convert(detector)) == list(state)
+    assert fmt.dropped_keys(detector) == ['neck.lateral_convs.0.conv.weight']
+    assert fmt.dropped_keys(state) == []
+
+
+@pytest.mark.parametrize('reader', BACKBONES, ids=lambda c: c.__name__)
+def test_each_family_refuses_every_other_familys_checkpoints(reader):
+    """Each family judges a checkpoint by its own keys only: another family's (bare or inside a
+    detector) is refused with a ValueError naming what was expected."""
+    for writer in BACKBONES:
+        if writer.checkpoint_format is reader.checkpoint_format:
+            continue
+        state = meta_state_dict(writer)
+        for checkpoint in (state, {'state_dict': {f'backbone.{k}': v for k, v in state.items()}}):
+            with pytest.raises(ValueError, match='state dict in any known layout'):
+                reader.checkpoint_format.layout(checkpoint)
 
 
 @pytest.mark.parametrize('case', SMALL, ids=case_id)

@@ -17,9 +17,8 @@ import timm
 import torch
 from mmengine.logging import MMLogger
 
-from mmpvt import PVT, PVTv2, convert_pvt_state_dict
+from mmpvt import PVT, PVTv2
 from mmpvt.checkpoint import CheckpointError
-from mmpvt.models.pvt import detect_layout
 
 from layouts import (
     MANIFEST_DIR,
@@ -84,7 +83,7 @@ def test_v2_matches_timm_through_every_layout(arch, layout, tmp_path):
     if layout == 'official':
         state = timm_v2_to_official(state)
         assert 'block1.0.mlp.dwconv.dwconv.weight' in state and 'head.weight' in state
-    assert detect_layout(state) == layout
+    assert PVTv2.checkpoint_format.layout(state) == layout
     torch.save(state, tmp_path / f'pvt_v2_{arch}.pth')
     model = load_through_init_cfg(PVTv2, arch, tmp_path / f'pvt_v2_{arch}.pth')
     assert max_rel_diff(features(model, x), refs) <= 1e-5
@@ -126,7 +125,7 @@ def test_matches_mmdet_builtin_backbone(arch, wrapped, tmp_path):
         detector = {f'backbone.{k}': v for k, v in state.items()}
         detector['neck.lateral_convs.0.conv.weight'] = torch.zeros(1)
         state = {'meta': {'epoch': 12}, 'state_dict': detector}
-    assert detect_layout(convert_pvt_state_dict(state)) == 'mmpvt'
+    assert PVTv2.checkpoint_format.layout(PVTv2.convert_state_dict(state)) == 'mmpvt'
     torch.save(state, tmp_path / 'mmdet.pth')
     model = load_through_init_cfg(cls, arch, tmp_path / 'mmdet.pth', drop_path_rate=0.)
     x = torch.randn(AWKWARD)
@@ -147,7 +146,7 @@ def test_v1_official_release_layout(tmp_path):
     source = PVT(arch='small', drop_path_rate=0.).eval()
     official = mmpvt_v1_to_official(source.state_dict())
     assert official['pos_embed4'].shape == (1, 50, 512)  # 1 class-token slot + 7 * 7
-    assert detect_layout(official) == 'official'
+    assert PVTv2.checkpoint_format.layout(official) == 'official'
     torch.save(official, tmp_path / 'pvt_small.pth')
     model = load_through_init_cfg(PVT, 'small', tmp_path / 'pvt_small.pth', drop_path_rate=0.)
     x = torch.randn(AWKWARD)
@@ -164,8 +163,8 @@ def test_conversion_is_pure_and_idempotent(layout):
     else:
         state = PVTv2(arch='b0').state_dict()
     before = {k: v.clone() for k, v in state.items()}
-    once = convert_pvt_state_dict(state)
-    twice = convert_pvt_state_dict(once)
+    once = PVTv2.convert_state_dict(state)
+    twice = PVTv2.convert_state_dict(once)
     assert once.keys() == twice.keys() and all(torch.equal(once[k], twice[k]) for k in once)
     assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in state)
     assert not any(k.startswith(('head', 'cls_token', 'norm.')) for k in once)
@@ -173,7 +172,7 @@ def test_conversion_is_pure_and_idempotent(layout):
 
 def test_state_dict_round_trip():
     model = PVT(arch='tiny')
-    converted = convert_pvt_state_dict(model.state_dict())
+    converted = PVTv2.convert_state_dict(model.state_dict())
     fresh = PVT(arch='tiny')
     fresh.load_state_dict(converted, strict=True)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
@@ -379,7 +378,7 @@ def test_checkpoints_built_from_source_manifests_load_completely(stem, arch, tmp
     else:
         with torch.device('meta'):
             own = cls(arch=arch).state_dict()
-        loaded = convert_pvt_state_dict(checkpoint)
+        loaded = PVTv2.convert_state_dict(checkpoint)
         assert sorted(own.keys() - loaded.keys()) == [], 'missing from the converted checkpoint'
         assert sorted(loaded.keys() - own.keys()) == [], 'not in the model'
         assert [k for k in own if own[k].shape != loaded[k].shape] == [], 'shapes differ'

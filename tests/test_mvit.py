@@ -24,12 +24,9 @@ from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 from torch import nn
 
 from mmpvt.checkpoint import CheckpointError, load_checkpoint_file
-from mmpvt.models import MViTv2, convert_mvit_state_dict
+from mmpvt.models import MViTv2, PVTv2, ViTDet
 from mmpvt.models.attention import rel_pos_lookup
-from mmpvt.models.mvit import MVIT_ARCHS, detect_mvit_layout, unwrap_mvit_checkpoint
-from mmpvt.models.pvt import detect_layout as detect_pvt_layout
-from mmpvt.models.pvt import unwrap_state_dict as unwrap_pvt_state_dict
-from mmpvt.models.vitdet import detect_vitdet_layout, unwrap_vitdet_checkpoint
+from mmpvt.models.mvit import MVIT_ARCHS
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 # A small network for everything that runs: every stage rule applies (q stride, kv strides
@@ -215,8 +212,8 @@ def test_mlp_widening_design_matches_timm_in_both_layouts(tmp_path):
         assert (out - ref_map).abs().max() <= 1e-4, level
     # The official layout of the same weights (``blocks.{i}.proj`` at the end of each stage)
     # converts to the same state.
-    from_timm = convert_mvit_state_dict(ref.state_dict())
-    from_official = convert_mvit_state_dict(timm_to_official(ref.state_dict(), SMALL['depths']))
+    from_timm = MViTv2.convert_state_dict(ref.state_dict())
+    from_official = MViTv2.convert_state_dict(timm_to_official(ref.state_dict(), SMALL['depths']))
     assert list(from_timm) == list(from_official) and all(torch.equal(from_timm[k], from_official[k])
                                                           for k in from_timm)
     assert 'blocks.0.proj.weight' in from_timm and 'blocks.2.proj.weight' in from_timm
@@ -601,7 +598,7 @@ def test_every_layout_loads_every_backbone_tensor(layout, detected, tmp_path, lo
     source = randomise_(small()).state_dict()
     path = tmp_path / ('model_final.pkl' if 'pkl' in layout else 'model.pth')
     write_layout(layout, source, path)
-    assert detect_mvit_layout(unwrap_mvit_checkpoint(load_checkpoint_file(path))) == detected
+    assert MViTv2.checkpoint_format.layout(load_checkpoint_file(path)) == detected
     torch.manual_seed(3)
     fresh = small().state_dict()
     torch.manual_seed(3)  # the same initialisation, then the load
@@ -622,7 +619,7 @@ def test_classifier_final_norms_never_become_output_norms():
     stage; detectron2's output norms are new. Both are dropped, never renamed."""
     source = randomise_(small()).state_dict()
     for checkpoint in (to_official(source), to_timm(source), to_mmpretrain(source)):
-        converted = convert_mvit_state_dict(checkpoint)
+        converted = MViTv2.convert_state_dict(checkpoint)
         assert not any(k.startswith(('norm', 'head', 'backbone.', 'scale')) for k in converted)
         assert converted.keys() == _trunk(source).keys()
 
@@ -633,10 +630,10 @@ def test_conversion_is_pure_and_idempotent(layout):
     checkpoint = {'official': lambda: to_official(source), 'timm': lambda: to_timm(source),
                   'detectron2': lambda: {'model': to_detectron2(source)},
                   'mmpretrain': lambda: to_mmpretrain(source), 'mmpvt': lambda: source}[layout]()
-    flat = unwrap_mvit_checkpoint(checkpoint)
+    flat = MViTv2.checkpoint_format.unwrap(checkpoint)
     before = {k: v.clone() for k, v in flat.items()}
-    once = convert_mvit_state_dict(checkpoint)
-    twice = convert_mvit_state_dict(once)
+    once = MViTv2.convert_state_dict(checkpoint)
+    twice = MViTv2.convert_state_dict(once)
     assert list(once) == list(twice) and all(torch.equal(once[k], twice[k]) for k in once)
     assert flat.keys() == before.keys() and all(torch.equal(flat[k], before[k]) for k in flat)
     assert set(once) <= set(source)
@@ -695,14 +692,14 @@ def mvit_files():
 def test_families_recognise_only_their_own_files():
     for checkpoint in mvit_files().values():
         with pytest.raises(ValueError, match='not a plain ViT state dict'):
-            detect_vitdet_layout(unwrap_vitdet_checkpoint(checkpoint))
+            ViTDet.checkpoint_format.layout(checkpoint)
         with pytest.raises(ValueError, match='not a PVT state dict'):
-            detect_pvt_layout(unwrap_pvt_state_dict(checkpoint))
+            PVTv2.checkpoint_format.layout(checkpoint)
     torch.manual_seed(8)
     vit = timm.create_model('vit_base_patch16_224', pretrained=False, embed_dim=64, depth=2, num_heads=2)
     for other in (vit.state_dict(), timm.create_model('pvt_v2_b0', pretrained=False).state_dict()):
         with pytest.raises(ValueError, match='not an MViTv2 state dict'):
-            convert_mvit_state_dict(other)
+            MViTv2.convert_state_dict(other)
 
 
 def test_convert_checkpoint_cli_handles_mvit(tmp_path, capsys):

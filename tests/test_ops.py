@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from mmengine.logging import MMLogger
 from torch import nn
 
-from mmpvt import PVTv2, convert_pvt_state_dict
+from mmpvt import PVTv2
 from mmpvt.models.pvt import Mlp
 from mmpvt.ops import dwconv_gelu
 
@@ -173,7 +173,7 @@ def test_the_layer_path_matches_timm_end_to_end(monkeypatch):
         for p in reference.parameters():
             p.add_(torch.randn_like(p), alpha=0.05)
     model = PVTv2(arch='b0').eval()
-    model.load_state_dict(convert_pvt_state_dict(reference.state_dict()), strict=True)
+    model.load_state_dict(PVTv2.convert_state_dict(reference.state_dict()), strict=True)
     x = torch.randn(1, 3, 225, 290)
     with torch.no_grad(), dwconv_gelu.enabled(False):
         outs = model(x)

@@ -16,9 +16,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmpvt import PVT, PVTv2
 from mmpvt.models.layers import nchw_to_nlc, nlc_to_nchw
-from mmpvt.models.mvit import MViTv2, convert_mvit_state_dict, detect_mvit_layout
+from mmpvt.models.mvit import MViTv2
 from mmpvt.models.pvt import Mlp
-from mmpvt.models.t2t_vit import T2T_ARCHS, T2TViT, convert_t2t_state_dict
+from mmpvt.models.t2t_vit import T2T_ARCHS, T2TViT
 from mmpvt.ops import dwconv_gelu
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
@@ -231,7 +231,7 @@ def test_t2t_official_peer_computes_the_function_mmpvt_computes(tokens):
     randomise_t2t_peer(peer)
     ours = T2TViT(arch=dict(T2T_SMALL, tokens_type=tokens), img_size=64, out_indices=(2,),
                   drop_path_rate=0.).eval()
-    result = ours.load_state_dict(convert_t2t_state_dict({'state_dict_ema': peer.state_dict()}))
+    result = ours.load_state_dict(T2TViT.convert_state_dict({'state_dict_ema': peer.state_dict()}))
     assert not result.missing_keys and not result.unexpected_keys
     x = torch.randn(1, 3, 96, 128)  # a 6x8 grid: the 4x4 table resized
     with torch.no_grad():
@@ -247,7 +247,7 @@ def test_t2t_benchmark_rows_have_the_same_tensors(arch):
     harness = load_harness()
     with torch.device('meta'):
         ours, peer = harness.build_mmpvt(f't2t_{arch}', False), harness.build_official(f't2t_{arch}', False)
-    converted = convert_t2t_state_dict(peer.state_dict())
+    converted = T2TViT.convert_state_dict(peer.state_dict())
     assert {k: tuple(v.shape) for k, v in converted.items()} == \
         {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     assert harness.build_official(f't2t_{arch}', True) is None  # the authors have no checkpointing
@@ -308,10 +308,10 @@ def test_mvit_detectron2_style_peer_computes_the_function_mmpvt_computes(window_
             is_norm_weight = p.dim() == 1 and 'norm' in name and name.endswith('weight')
             p.normal_(1. if is_norm_weight else 0., .2)
     detector = {'model': {f'backbone.bottom_up.{k}': v for k, v in peer.state_dict().items()}}
-    assert detect_mvit_layout(detector['model']) == 'detectron2'
+    assert MViTv2.checkpoint_format.layout(detector['model']) == 'detectron2'
     ours = MViTv2(arch=dict(MVIT_SMALL), window_size=window_size, global_kv_stride_x2=kv_x2,
                   drop_path_rate=0.).eval()
-    result = ours.load_state_dict(convert_mvit_state_dict(detector))
+    result = ours.load_state_dict(MViTv2.convert_state_dict(detector))
     assert not result.missing_keys and not result.unexpected_keys
     x = torch.randn(1, 3, 100, 136)
     with torch.no_grad():

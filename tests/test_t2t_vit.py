@@ -25,11 +25,9 @@ from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 from torch import nn
 
 from mmpvt.checkpoint import CheckpointError, load_checkpoint_file
-from mmpvt.models import T2TViT, convert_t2t_state_dict
+from mmpvt.models import PVTv2, T2TViT, ViTDet
 from mmpvt.models.layers import LayerNorm2d
-from mmpvt.models.pvt import detect_layout, unwrap_state_dict
-from mmpvt.models.t2t_vit import T2T_ARCHS, detect_t2t_layout, sinusoid_table, unwrap_t2t_checkpoint
-from mmpvt.models.vitdet import detect_vitdet_layout, unwrap_vitdet_checkpoint
+from mmpvt.models.t2t_vit import T2T_ARCHS, sinusoid_table
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 # Small columns for everything that runs: narrow token layers, four blocks.
@@ -460,7 +458,7 @@ def test_transformer_variant_t14_matches_the_reference():
     state = official_state_dict(arch, seed=3)
     with torch.device('meta'):  # no initialisation: every tensor comes from the state dict
         model = T2TViT(arch='t_14', out_indices=(2,)).eval()
-    model.load_state_dict(convert_t2t_state_dict(state), strict=True, assign=True)
+    model.load_state_dict(T2TViT.convert_state_dict(state), strict=True, assign=True)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         ours = model(x)[0]
@@ -473,7 +471,7 @@ def test_non_square_input_matches_the_reference_with_the_resized_table(tokens):
     arch = dict(embed_dims=64, depth=2, num_heads=2, mlp_ratio=2., tokens_type=tokens)  # token_dims 64
     state = official_state_dict(arch, seed=4)
     model = T2TViT(arch=arch, out_indices=(2,)).eval()
-    model.load_state_dict(convert_t2t_state_dict(state), strict=True)
+    model.load_state_dict(T2TViT.convert_state_dict(state), strict=True)
     x = torch.randn(1, 3, 225, 290)
     with torch.no_grad():
         ours = model(x)[0]
@@ -533,7 +531,7 @@ def test_detector_and_own_layouts_load_every_tensor(tmp_path, log_lines):
     source = small('transformer').state_dict()
     for name, checkpoint in (('detector', mmpvt_detector(source)), ('own', source)):
         torch.save(checkpoint, tmp_path / f'{name}.pth')
-        assert detect_t2t_layout(unwrap_t2t_checkpoint(checkpoint)) == 'mmpvt'
+        assert T2TViT.checkpoint_format.layout(checkpoint) == 'mmpvt'
         model = load_through_init_cfg(tmp_path / f'{name}.pth', dict(SMALL, tokens_type='transformer'))
         loaded = model.state_dict()
         assert loaded.keys() == source.keys() and all(torch.equal(loaded[k], source[k]) for k in source)
@@ -589,8 +587,8 @@ def test_conversion_is_pure_and_idempotent(layout):
                   'own': lambda: source}[layout]()
     flat = checkpoint.get('state_dict', checkpoint)
     before = {k: v.clone() for k, v in flat.items()}
-    once = convert_t2t_state_dict(checkpoint)
-    twice = convert_t2t_state_dict(once)
+    once = T2TViT.convert_state_dict(checkpoint)
+    twice = T2TViT.convert_state_dict(once)
     assert list(once) == list(twice) and all(torch.equal(once[k], twice[k]) for k in once)
     assert flat.keys() == before.keys() and all(torch.equal(flat[k], before[k]) for k in flat)
     assert set(once) <= set(source) and not any(k.startswith('head') for k in once)
@@ -611,16 +609,16 @@ def test_layout_detectors_keep_to_their_family():
     t2t_files = [{'state_dict': performer, 'state_dict_ema': performer}, {'state_dict': transformer},
                  to_mmpretrain(transformer), small().state_dict(), mmpvt_detector(small().state_dict())]
     for checkpoint in t2t_files:
-        detect_t2t_layout(unwrap_t2t_checkpoint(checkpoint))
+        T2TViT.checkpoint_format.layout(checkpoint)
         with pytest.raises(ValueError, match='not a plain ViT'):
-            detect_vitdet_layout(unwrap_vitdet_checkpoint(checkpoint))
+            ViTDet.checkpoint_format.layout(checkpoint)
         with pytest.raises(ValueError, match='not a PVT state dict'):
-            detect_layout(unwrap_state_dict(checkpoint))
+            PVTv2.checkpoint_format.layout(checkpoint)
     others = [vitdet_file(), timm.create_model('pvt_v2_b0', pretrained=False).state_dict(),
               MultiScaleVit(MultiScaleVitCfg(depths=(1, 1, 1, 1), embed_dim=16), num_classes=10).state_dict()]
     for checkpoint in others:
         with pytest.raises(ValueError, match='not a T2T-ViT state dict'):
-            convert_t2t_state_dict({'model': checkpoint})
+            T2TViT.convert_state_dict({'model': checkpoint})
 
 
 class _TrainerState:

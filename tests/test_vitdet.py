@@ -23,10 +23,10 @@ from mmengine.registry import DefaultScope
 from torch import nn
 
 from mmpvt.checkpoint import CheckpointError, load_checkpoint_file
-from mmpvt.models import ViTDet, ViTDetNeck, convert_vitdet_state_dict
+from mmpvt.models import ViTDet, ViTDetNeck
 from mmpvt.models.attention import decomposed_rel_pos, window_partition, window_unpartition
 from mmpvt.models.layers import LayerNorm2d, abs_pos_embed_to_grid
-from mmpvt.models.vitdet import VITDET_ARCHS, detect_vitdet_layout
+from mmpvt.models.vitdet import VITDET_ARCHS
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 # A small column for everything that runs: 4 blocks, the last of each half global.
@@ -296,7 +296,7 @@ def test_plain_vit_matches_timm_without_class_token(arch, timm_kwargs, tmp_path)
         model.init_cfg = dict(type='Pretrained', checkpoint=str(tmp_path / 'vit.pth'))
         model.init_weights()
     else:
-        model.load_state_dict(convert_vitdet_state_dict(ref.state_dict()), strict=True)
+        model.load_state_dict(ViTDet.convert_state_dict(ref.state_dict()), strict=True)
     x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
     with torch.no_grad():
         x16, x32 = model.double().eval()(x)
@@ -444,7 +444,7 @@ def test_detector_layouts_load_every_backbone_tensor(layout, detected, tmp_path,
     path = tmp_path / ('model.pkl' if 'pkl' in layout else 'model.pth')
     write_layout(layout, source, path)
     checkpoint = load_checkpoint_file(path)
-    assert detect_vitdet_layout(checkpoint.get('model', checkpoint.get('state_dict', checkpoint))) == detected
+    assert ViTDet.checkpoint_format.layout(checkpoint) == detected
     model = load_through_init_cfg(path)
     assert 'ViTDet: missing keys: none' in log_lines and 'ViTDet: unexpected keys: none' in log_lines
     loaded = model.state_dict()
@@ -483,7 +483,7 @@ def test_pretraining_layouts_load_with_expected_missing_tables(layout, tmp_path,
 
 def test_timm_vit_without_class_token_gets_a_class_row():
     state = timm_vit(class_token=False, global_pool='avg')
-    converted = convert_vitdet_state_dict(state)
+    converted = ViTDet.convert_state_dict(state)
     assert converted['pos_embed'].shape == (1, 197, 64) and not converted['pos_embed'][:, 0].any()
     assert torch.equal(converted['pos_embed'][:, 1:], state['pos_embed'])
     assert not any(k.startswith(('fc_norm', 'head')) for k in converted)
@@ -501,8 +501,8 @@ def test_conversion_is_pure_and_idempotent(layout):
         'mmpvt': lambda: source}[layout]()
     flat = checkpoint.get('model', checkpoint.get('state_dict', checkpoint))
     before = {k: v.clone() for k, v in flat.items()}
-    once = convert_vitdet_state_dict(checkpoint)
-    twice = convert_vitdet_state_dict(once)
+    once = ViTDet.convert_state_dict(checkpoint)
+    twice = ViTDet.convert_state_dict(once)
     assert once.keys() == twice.keys() and all(torch.equal(once[k], twice[k]) for k in once)
     assert flat.keys() == before.keys() and all(torch.equal(flat[k], before[k]) for k in flat)
     assert set(once) <= set(source) and once['pos_embed'].shape == (1, 197, 64)
@@ -518,7 +518,7 @@ def test_other_variants_are_refused_by_key_and_shapes(tmp_path):
     with pytest.raises(CheckpointError, match=r'blocks\.2\..* is missing from the checkpoint'):
         load_through_init_cfg(tmp_path / 'short.pth')
     with pytest.raises(ValueError, match='not a plain ViT state dict'):
-        convert_vitdet_state_dict(timm.create_model('pvt_v2_b0', pretrained=False).state_dict())
+        ViTDet.convert_state_dict(timm.create_model('pvt_v2_b0', pretrained=False).state_dict())
 
 
 def test_partly_missing_rel_pos_tables_are_refused(tmp_path):

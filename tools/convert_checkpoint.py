@@ -14,97 +14,78 @@ Families (``--type``) and the layouts each reads:
     t2t     T2T-ViT: the authors' .pth.tar releases and timm training-script files (their
             EMA weights taken), mmpretrain T2T_ViT classifiers, mmpvt's own
 
-Without ``--type`` the family is detected from the checkpoint's keys. Files are read with
+Without ``--type`` the family is detected from the checkpoint's keys. The families are the
+registered backbones' (each one's ``checkpoint_format``), so a new family is covered here
+without a change. Files are read with
 ``weights_only=True`` (``.pkl`` files by an unpickler that builds numpy arrays only).
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
 
 import torch
 
-from mmpvt.checkpoint import CheckpointError, load_checkpoint_file
-from mmpvt.models.mvit import (
-    convert_mvit_state_dict,
-    detect_mvit_layout,
-    mvit_dropped_keys,
-    unwrap_mvit_checkpoint,
-)
-from mmpvt.models.pvt import CLASSIFICATION_KEYS, convert_pvt_state_dict, detect_layout, unwrap_state_dict
-from mmpvt.models.t2t_vit import (
-    convert_t2t_state_dict,
-    detect_t2t_layout,
-    t2t_dropped_keys,
-    unwrap_t2t_checkpoint,
-)
-from mmpvt.models.vitdet import (
-    convert_vitdet_state_dict,
-    detect_vitdet_layout,
-    unwrap_vitdet_checkpoint,
-    vitdet_dropped_keys,
-)
+import mmpvt  # noqa: F401  (registers the backbones)
+from mmpvt.checkpoint import CheckpointError, CheckpointFormat, load_checkpoint_file
+from mmpvt.models import DenseBackbone
+from mmpvt.registry import MODELS
 
 # Names of dropped keys printed before the rest are counted (detector checkpoints drop hundreds).
 MAX_LISTED = 12
 
 
-class Family(NamedTuple):
-    """How the tool handles one backbone family's checkpoints."""
-    unwrap: Callable[[Mapping[str, Any]], dict[str, Any]]  # the source's flat state dict
-    detect: Callable[[Mapping[str, Any]], str]  # layout name of the unwrapped state; ValueError if foreign
-    convert: Callable[[Mapping[str, Any]], dict[str, torch.Tensor]]
-    dropped: Callable[[Mapping[str, Any]], list[str]]  # source keys the conversion leaves out
+def checkpoint_formats() -> dict[str, CheckpointFormat]:
+    """Every registered backbone family's checkpoint format, by family name (PVT and PVTv2
+    share theirs)."""
+    formats = {}
+    for cls in MODELS.module_dict.values():
+        if isinstance(cls, type) and issubclass(cls, DenseBackbone):
+            formats.setdefault(cls.checkpoint_format.family, cls.checkpoint_format)
+    return dict(sorted(formats.items()))
 
 
-# Tried in this order when --type is not given: ViTDet's layout test is the stricter one (a
-# plain ViT's top-level ``patch_embed.`` keys also pass PVT's test for timm's pvt_v2).
-FAMILIES: dict[str, Family] = {
-    'vitdet': Family(unwrap_vitdet_checkpoint, detect_vitdet_layout, convert_vitdet_state_dict,
-                     vitdet_dropped_keys),
-    # MViTv2's test (q/k/v pooling weights) is stricter still; ViTDet's and PVT's refuse its files.
-    'mvit': Family(unwrap_mvit_checkpoint, detect_mvit_layout, convert_mvit_state_dict, mvit_dropped_keys),
-    # T2T-ViT's test needs its tokens-to-token module; ViTDet's and PVT's refuse its files.
-    't2t': Family(unwrap_t2t_checkpoint, detect_t2t_layout, convert_t2t_state_dict, t2t_dropped_keys),
-    'pvt': Family(unwrap_state_dict, detect_layout, convert_pvt_state_dict,
-                  lambda ckpt: [k for k in unwrap_state_dict(ckpt) if CLASSIFICATION_KEYS.match(k)]),
-}
-
-
-def detect_family(checkpoint: Mapping[str, Any]) -> str:
-    """The first family whose layout test accepts ``checkpoint``; ValueError naming all otherwise."""
-    for name, family in FAMILIES.items():
+def detect_family(checkpoint: dict, formats: dict[str, CheckpointFormat] | None = None) -> str:
+    """The one family whose layout test accepts ``checkpoint``; ValueError naming all otherwise.
+    Each family judges by its own keys only, so at most one accepts."""
+    formats = formats or checkpoint_formats()
+    accepted = []
+    for name, fmt in formats.items():
         try:
-            family.detect(family.unwrap(checkpoint))
+            fmt.layout(checkpoint)
         except ValueError:
             continue
-        return name
-    keys = list(unwrap_vitdet_checkpoint(checkpoint))[:5]
-    raise ValueError(f'no backbone family ({", ".join(FAMILIES)}) knows this checkpoint\'s layout; '
+        accepted.append(name)
+    if len(accepted) == 1:
+        return accepted[0]
+    if accepted:
+        raise ValueError(f'the checkpoint fits several families ({", ".join(accepted)}): name one with '
+                         '--type')
+    keys = list(next(iter(formats.values())).unwrap(checkpoint))[:5]
+    raise ValueError(f'no backbone family ({", ".join(formats)}) knows this checkpoint\'s layout; '
                      f'first keys: {keys}')
 
 
 def main(argv: list[str] | None = None) -> int:
+    formats = checkpoint_formats()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('src', help='checkpoint to convert (path or URL)')
     parser.add_argument('dst', help='where to write the mmpvt-layout state dict')
-    parser.add_argument('--type', choices=list(FAMILIES), default=None,
+    parser.add_argument('--type', choices=list(formats), default=None,
                         help='backbone family of the checkpoint (default: detected from its keys)')
     args = parser.parse_args(argv)
     try:
         checkpoint = load_checkpoint_file(args.src)
-        name = args.type or detect_family(checkpoint)
-        family = FAMILIES[name]
-        source = family.unwrap(checkpoint)
-        layout = family.detect(source)
-        converted = family.convert(checkpoint)
+        name = args.type or detect_family(checkpoint, formats)
+        fmt = formats[name]
+        source = fmt.unwrap(checkpoint)
+        layout = fmt.layout(checkpoint)
+        converted = fmt.convert(checkpoint)
     except (FileNotFoundError, CheckpointError, ValueError) as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 1
-    dropped = sorted(family.dropped(checkpoint))
+    dropped = sorted(fmt.dropped_keys(checkpoint))
     Path(args.dst).parent.mkdir(parents=True, exist_ok=True)
     torch.save(converted, args.dst)
     params = sum(v.numel() for v in converted.values())

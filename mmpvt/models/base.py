@@ -14,8 +14,9 @@ What a family provides:
 - class attributes ``arch_zoo`` (variant name -> settings), ``required_arch_keys`` (what an
   arch dict must hold), and where they differ from the defaults ``min_input_size``,
   ``size_divisor`` and ``num_levels``;
-- ``convert_state_dict``: a pure, idempotent staticmethod from any checkpoint layout the
-  family supports to the model's own state dict;
+- ``checkpoint_format``: its :class:`~mmpvt.checkpoint.CheckpointFormat` (unwrap, detect the
+  layout, convert, list the dropped keys; the same names in every family), which
+  ``convert_state_dict`` and ``init_cfg`` use;
 - in ``__init__``, after calling this base's ``__init__`` and building its layers:
   ``level_channels`` and ``level_strides`` (every level, not only ``out_indices``), then a
   call to :meth:`DenseBackbone.freeze_stages`;
@@ -40,7 +41,7 @@ from mmengine.logging import MMLogger, print_log
 from mmengine.model import BaseModule
 from torch import nn
 
-from ..checkpoint import load_backbone_checkpoint, shape_mismatch
+from ..checkpoint import CheckpointFormat, load_backbone_checkpoint, shape_mismatch
 from .attention import resize_rel_pos
 from .layers import HW, resize_pos_embed
 
@@ -114,10 +115,13 @@ class DenseBackbone(BaseModule):
         self.register_load_state_dict_pre_hook(_fit_loaded_state_dict)
 
     # -- the family's part ----------------------------------------------------------------
-    @staticmethod
-    def convert_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    # How the family reads checkpoints (mmpvt.checkpoint.CheckpointFormat), set by each family.
+    checkpoint_format: CheckpointFormat
+
+    @classmethod
+    def convert_state_dict(cls, checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Any checkpoint layout the family supports -> the model's state dict (pure, idempotent)."""
-        raise NotImplementedError('a DenseBackbone family sets convert_state_dict to its converter')
+        return cls.checkpoint_format.convert(checkpoint)
 
     @property
     def num_stages(self) -> int:

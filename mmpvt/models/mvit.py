@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import unwrap_checkpoint
+from ..checkpoint import CheckpointFormat
 from ..registry import register_model
 from .attention import rel_pos_attention, rel_pos_lookup, window_partition
 from .base import DenseBackbone
@@ -416,10 +416,6 @@ class MViTv2(DenseBackbone):
                              f'embed_dims={settings["embed_dims"]}, num_heads={settings["num_heads"]} do not')
         return {**MVIT_DEFAULTS, **settings}
 
-    @staticmethod
-    def convert_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return convert_mvit_state_dict(checkpoint)
-
     def frozen_modules(self, num_stages: int) -> list[nn.Module]:
         """The patch embedding and the blocks of the first ``num_stages`` stages (none for 0)."""
         if num_stages <= 0:
@@ -477,103 +473,66 @@ _CLASSIFICATION_KEYS = re.compile(r'^(norm\d?\.|head\.|cls_token$)')
 _TIMM_BLOCK = re.compile(r'^stages\.(\d+)\.blocks\.(\d+)\.(.*)$')
 
 
-def unwrap_mvit_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """The flat state dict inside a release, training or detector checkpoint.
-
-    Takes the first of ``model_state`` (the official PySlowFast ``.pyth``), ``state_dict``
-    (mmengine), ``model`` (detectron2) and ``module`` that holds a dict, and strips a
-    ``module.`` (DataParallel) prefix.
-    """
-    return unwrap_checkpoint(checkpoint, ('model_state', 'state_dict', 'model', 'module'))
+_DETECTRON2_TRUNK = 'bottom_up.'  # detectron2's FPN(bottom_up=MViT) inside ``backbone.``
 
 
-def _backbone_prefix(state: Mapping[str, Any]) -> str:
-    """The prefix of the backbone's keys in a detector or classifier checkpoint ('' for none)."""
-    if any(k.startswith('backbone.bottom_up.') for k in state):  # detectron2: FPN(bottom_up=MViT)
-        return 'backbone.bottom_up.'
-    return 'backbone.' if any(k.startswith('backbone.') for k in state) else ''
-
-
-def detect_mvit_layout(state_dict: Mapping[str, Any]) -> str:
-    """Names the layout of an (unwrapped) MViTv2 state dict.
-
-    'detectron2' (``backbone.bottom_up.*``), 'timm' (``stages.{s}.blocks.{j}``), 'mmpretrain'
-    (``patch_embed.projection``), 'mmpvt' (with output norms ``scale{k}_norm``) or 'official'
-    (``blocks.{i}``, as released), each also under a ``backbone.`` prefix. Raises ValueError
-    for anything else (a PVT, a plain ViT).
-    """
-    prefix = _backbone_prefix(state_dict)
-    keys = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
-    if not any(_POOLING_KEY.search(k) for k in keys):
-        raise ValueError('not an MViTv2 state dict in any known layout (official .pyth, timm mvitv2_*, '
-                         f'detectron2 MViT, mmpretrain MViT, mmpvt); first keys: {list(state_dict)[:5]}')
-    if prefix == 'backbone.bottom_up.':
-        return 'detectron2'
-    if any(_TIMM_BLOCK.match(k) for k in keys):
-        return 'timm'
-    if any(k.startswith('patch_embed.projection.') for k in keys):
-        return 'mmpretrain'
-    if any(_OUT_NORM_KEY.match(k) for k in keys):
-        return 'mmpvt'
-    return 'official'
-
-
-def _renames(state: Mapping[str, Any]) -> dict[str, str | None]:
-    """Each key of an unwrapped MViTv2 state dict -> its mmpvt name, or None if dropped."""
-    layout = detect_mvit_layout(state)
-    prefix = _backbone_prefix(state)
-    first_block = {}
-    if layout == 'timm':  # timm numbers blocks per stage: count each stage's from the keys
-        depths: dict[int, int] = {}
-        for key in state:
-            if m := _TIMM_BLOCK.match(key):
-                depths[int(m[1])] = max(depths.get(int(m[1]), 0), int(m[2]) + 1)
-        first_block = {s: sum(depths.get(t, 0) for t in range(s)) for s in depths}
-    renames: dict[str, str | None] = {}
+def _timm_first_blocks(state: Mapping[str, Any]) -> dict[int, int]:
+    """timm numbers blocks per stage: the network-wide index of each stage's first block."""
+    depths: dict[int, int] = {}
     for key in state:
-        if not key.startswith(prefix):  # the detector's neck and heads, the classifier's head
-            renames[key] = None
-            continue
-        new = key[len(prefix):]
-        if _CLASSIFICATION_KEYS.match(new):
-            renames[key] = None
-            continue
-        if layout == 'timm' and (m := _TIMM_BLOCK.match(new)):
-            rest = re.sub(r'^shortcut_proj_(attn|mlp)\.', 'proj.', m[3])
-            new = f'blocks.{first_block[int(m[1])] + int(m[2])}.{rest}'
-        elif layout == 'mmpretrain' and new.startswith('patch_embed.projection.'):
-            new = 'patch_embed.proj.' + new[len('patch_embed.projection.'):]
-        renames[key] = new
-    return renames
+        if m := _TIMM_BLOCK.match(key):
+            depths[int(m[1])] = max(depths.get(int(m[1]), 0), int(m[2]) + 1)
+    return {s: sum(depths.get(t, 0) for t in range(s)) for s in depths}
 
 
-def mvit_dropped_keys(checkpoint: Mapping[str, Any]) -> list[str]:
-    """The keys of ``checkpoint`` that :func:`convert_mvit_state_dict` leaves out."""
-    return [k for k, new in _renames(unwrap_mvit_checkpoint(checkpoint)).items() if new is None]
-
-
-def convert_mvit_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Converts an MViTv2 checkpoint in any known layout to mmpvt's MViTv2 layout.
-
-    Accepts the official releases (``.pyth``: ``model_state``, blocks numbered over the
-    network), timm's ``mvitv2_*`` (``stages.{s}.blocks.{j}``, ``shortcut_proj_attn`` or
-    ``shortcut_proj_mlp``), detectron2 MViT detectors (``backbone.bottom_up.*``, ``.pth`` or
-    the model zoo's ``.pkl`` numpy pickles once read), mmpretrain ``MViT`` classifiers
+class MViTv2CheckpointFormat(CheckpointFormat):
+    """MViTv2 checkpoints: the official releases (``.pyth``: ``model_state``, blocks numbered over
+    the network), timm's ``mvitv2_*`` (``stages.{s}.blocks.{j}``, ``shortcut_proj_attn`` or
+    ``shortcut_proj_mlp``), detectron2 MViT detectors (``backbone.bottom_up.*``; ``.pth`` or the
+    model zoo's ``.pkl`` numpy pickles once read), mmpretrain ``MViT`` classifiers
     (``backbone.patch_embed.projection``) and mmpvt's own, also whole mmpvt detectors.
-    Dropped: the final norm, mmpretrain's per-scale norms, heads, the class token and
-    everything outside the backbone; any other key is kept, so that a foreign tensor fails
-    the load instead of vanishing. Pure and idempotent.
-
-    Raises:
-        ValueError: the checkpoint is no MViTv2 state dict in a known layout.
+    Dropped: the final norm, mmpretrain's per-scale norms, heads, the class token and the rest
+    of a detector or classifier.
     """
-    state = unwrap_mvit_checkpoint(checkpoint)
-    out: dict[str, torch.Tensor] = {}
-    for key, new in _renames(state).items():
-        if new is not None:
-            value = state[key]
-            out[new] = torch.as_tensor(value) if isinstance(value, np.ndarray) else value
-    return out
+
+    family = 'mvit'
+    wrappers = ('model_state', 'state_dict', 'model', 'module')
+
+    def _detect(self, inside: Mapping[str, Any], outside: Mapping[str, Any]) -> str:
+        keys = list(inside)
+        if not any(_POOLING_KEY.search(k) for k in keys):
+            raise ValueError('not an MViTv2 state dict in any known layout (official .pyth, timm mvitv2_*, '
+                             f'detectron2 MViT, mmpretrain MViT, mmpvt); first keys: {keys[:5]}')
+        if any(k.startswith(_DETECTRON2_TRUNK) for k in keys):
+            return 'detectron2'
+        if any(_TIMM_BLOCK.match(k) for k in keys):
+            return 'timm'
+        if any(k.startswith('patch_embed.projection.') for k in keys):
+            return 'mmpretrain'
+        if any(_OUT_NORM_KEY.match(k) for k in keys):
+            return 'mmpvt'
+        return 'official'
+
+    def _drops(self, key: str, layout: str) -> bool:
+        if layout == 'detectron2':
+            if not key.startswith(_DETECTRON2_TRUNK):
+                return True  # the FPN around the trunk
+            key = key[len(_DETECTRON2_TRUNK):]
+        return bool(_CLASSIFICATION_KEYS.match(key))
+
+    def _convert(self, state: dict[str, Any], layout: str) -> dict[str, torch.Tensor]:
+        first_block = _timm_first_blocks(state) if layout == 'timm' else {}
+        out = {}
+        for key, value in state.items():
+            if layout == 'detectron2':
+                key = key[len(_DETECTRON2_TRUNK):]
+            elif layout == 'timm' and (m := _TIMM_BLOCK.match(key)):
+                rest = re.sub(r'^shortcut_proj_(attn|mlp)\.', 'proj.', m[3])
+                key = f'blocks.{first_block[int(m[1])] + int(m[2])}.{rest}'
+            elif layout == 'mmpretrain' and key.startswith('patch_embed.projection.'):
+                key = 'patch_embed.proj.' + key[len('patch_embed.projection.'):]
+            out[key] = value
+        return out
 
 
 # -- variants --------------------------------------------------------------------------------
@@ -600,3 +559,4 @@ MVIT_ARCHS: dict[str, dict[str, Any]] = {
 }
 
 MViTv2.arch_zoo = MVIT_ARCHS
+MViTv2.checkpoint_format = MViTv2CheckpointFormat()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import unwrap_checkpoint
+from ..checkpoint import CheckpointFormat
 from ..ops import dwconv_gelu
 from ..registry import register_model
 from .base import DenseBackbone
@@ -465,31 +465,10 @@ class PVTv2(PyramidVisionTransformerBase):
 
 # Keys of classification models that a dense-prediction backbone has no use for.
 CLASSIFICATION_KEYS = re.compile(r'^(head\.|head_drop\.|cls_token$|norm\.)')
-
-
-def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """The backbone's flat state dict inside a training or detector checkpoint."""
-    state = unwrap_checkpoint(checkpoint, ('state_dict', 'model', 'module'))
-    if any(k.startswith('backbone.') for k in state):
-        state = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
-    return dict(state)
-
-
-def detect_layout(state_dict: Mapping[str, Any]) -> str:
-    """Names the layout of a PVT state dict: 'mmpvt', 'official', 'timm' or 'mmdet'."""
-    keys = list(state_dict)
-    # MViTv2 files share timm's top-level patch_embed. names; their q/k/v pooling marks them.
-    if any(k.startswith('patch_embed.') or '.downsample.' in k for k in keys) \
-            and not any('.attn.pool_q.' in k for k in keys):
-        return 'timm'
-    if any(re.match(r'(patch_embed|block)\d\.', k) for k in keys):
-        return 'official'
-    if any(re.match(r'layers\.\d+\.0\.projection\.', k) for k in keys):
-        return 'mmdet'
-    if any(re.match(r'stages\.\d+\.patch_embed\.', k) for k in keys):
-        return 'mmpvt'
-    raise ValueError('not a PVT state dict in any known layout (the authors\' release, timm, '
-                     f'mmdet, mmpvt); first keys: {keys[:5]}')
+# PVT's attention projects queries apart from keys and values (attn.q, attn.kv) in the authors'
+# release, timm and mmpvt: the mark of its state dicts. mmdet packs them (its own layout mark).
+_SEPARATE_Q = re.compile(r'(^|\.)attn\.q\.weight$')
+_MMDET_PATCH_EMBED = re.compile(r'layers\.\d+\.0\.projection\.')
 
 
 def _from_official(key: str, value: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -550,24 +529,39 @@ def _from_mmdet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def convert_pvt_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Converts a PVT/PVTv2 checkpoint in any known layout to mmpvt's backbone state dict.
+class PVTCheckpointFormat(CheckpointFormat):
+    """PVT and PVTv2 checkpoints: the authors' release files (``patch_embed1.``, ``block1.0.``),
+    timm's pvt_v2 (``patch_embed.``, ``stages.{i}.downsample.``), mmdet 3.x's built-in
+    ``PyramidVisionTransformer(V2)`` (``layers.{i}.{0,1,2}``) and mmpvt's own, also inside
+    whole detector checkpoints. Dropped: classification entries (head, class token, final norm)."""
 
-    Accepts the authors' release files, timm's pvt_v2 state dicts, mmdet 3.x's built-in
-    ``PyramidVisionTransformer(V2)`` (also inside whole detector checkpoints: ``state_dict``
-    wrapper, ``backbone.`` prefix) and mmpvt's own. Classification-only entries (head, class
-    token, final norm) are dropped. Pure and idempotent: its output converts to itself.
-    """
-    state = unwrap_state_dict(checkpoint)
-    layout = detect_layout(state)
-    state = {k: v for k, v in state.items() if not CLASSIFICATION_KEYS.match(k)}
-    if layout == 'official':
-        state = dict(_from_official(k, v) for k, v in state.items())
-    elif layout == 'timm':
-        state = dict(_from_timm(k, v) for k, v in state.items())
-    elif layout == 'mmdet':
-        state = _from_mmdet(state)
-    return state
+    family = 'pvt'
+
+    def _detect(self, inside: Mapping[str, Any], outside: Mapping[str, Any]) -> str:
+        keys = list(inside)
+        if any(_MMDET_PATCH_EMBED.match(k) for k in keys):
+            return 'mmdet'
+        if any(_SEPARATE_Q.search(k) for k in keys):
+            if any(re.match(r'(patch_embed|block)\d\.', k) for k in keys):
+                return 'official'
+            if any(re.match(r'stages\.\d+\.patch_embed\.', k) for k in keys):
+                return 'mmpvt'
+            if any(k.startswith('patch_embed.') or '.downsample.' in k for k in keys):
+                return 'timm'
+        raise ValueError('not a PVT state dict in any known layout (the authors\' release, timm, '
+                         f'mmdet, mmpvt); first keys: {keys[:5]}')
+
+    def _drops(self, key: str, layout: str) -> bool:
+        return bool(CLASSIFICATION_KEYS.match(key))
+
+    def _convert(self, state: dict[str, Any], layout: str) -> dict[str, torch.Tensor]:
+        if layout == 'official':
+            return dict(_from_official(k, v) for k, v in state.items())
+        if layout == 'timm':
+            return dict(_from_timm(k, v) for k, v in state.items())
+        if layout == 'mmdet':
+            return _from_mmdet(state)
+        return state
 
 
 # -- variants --------------------------------------------------------------------------------
@@ -600,4 +594,4 @@ for _name, _variant in PVTV2_ARCHS.items():
 
 PVT.arch_zoo = PVT_ARCHS
 PVTv2.arch_zoo = PVTV2_ARCHS
-PyramidVisionTransformerBase.convert_state_dict = staticmethod(convert_pvt_state_dict)
+PyramidVisionTransformerBase.checkpoint_format = PVTCheckpointFormat()

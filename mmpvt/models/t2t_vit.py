@@ -31,7 +31,7 @@ from mmengine.logging import MMLogger, print_log
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import CheckpointError, unwrap_checkpoint
+from ..checkpoint import CheckpointError, CheckpointFormat
 from ..registry import register_model
 from .attention import TransformerBlock
 from .base import DenseBackbone
@@ -379,10 +379,6 @@ class T2TViT(DenseBackbone):
                              f'embed_dims={dims}, depth={depth}, num_heads={heads}, token_dims={token_dims}')
         return settings
 
-    @staticmethod
-    def convert_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return convert_t2t_state_dict(checkpoint)
-
     def frozen_modules(self, num_stages: int) -> list[nn.Module]:
         """The tokens-to-token module, the class token and the first ``num_stages`` quarters
         of the blocks (none for 0); all four quarters include the final norm.
@@ -434,18 +430,18 @@ class T2TViT(DenseBackbone):
                 f"unexpected keys: {', '.join(unexpected)}")
 
     def convert_checkpoint(self, checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """:func:`convert_t2t_state_dict`, saying what it took and warning of a scale mismatch."""
+        """The family's conversion, saying what it took and warning of a scale mismatch."""
         logger = MMLogger.get_current_instance()
         if isinstance(checkpoint.get('state_dict_ema'), Mapping) and checkpoint['state_dict_ema']:
             print_log(f'{type(self).__name__}: loading the EMA weights (state_dict_ema), as the authors '
                       'evaluate them', logger)
-        layout = detect_t2t_layout(unwrap_t2t_checkpoint(checkpoint))
+        layout = self.checkpoint_format.layout(checkpoint)
         if layout == 'mmpretrain' and self.tokens_type == 'transformer' and self.token_scale == 'official':
             print_log(f"{type(self).__name__}: this is an mmpretrain T2T_ViT checkpoint, whose token layers "
                       "were trained with mmpretrain's logit scale (a factor 8), but the model has "
                       "token_scale='official'; build it with token_scale='mmpretrain' to get the features "
                       'the checkpoint was trained for', logger, level=logging.WARNING)
-        return convert_t2t_state_dict(checkpoint)
+        return self.checkpoint_format.convert(checkpoint)
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -501,85 +497,43 @@ _MMPRETRAIN_RENAMES = (
 CLASSIFICATION_KEYS = re.compile(r'^head\.')
 
 
-def unwrap_t2t_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """The flat state dict inside a release, training or detector checkpoint.
-
-    Takes the first non-empty dict of ``state_dict_ema`` (the authors' release and timm's
-    training script: their EMA weights, which the authors evaluate), ``state_dict``
-    (also mmengine's), ``model`` and ``module``, and strips a ``module.`` (DataParallel) prefix.
+class T2TCheckpointFormat(CheckpointFormat):
+    """T2T-ViT checkpoints: the authors' release files and files of the timm training script they
+    used (``state_dict_ema`` before ``state_dict``: the EMA weights, which the authors evaluate;
+    ``module.`` prefixes stripped), mmpretrain's ``T2T_ViT`` classifiers
+    (``backbone.encoder.{i}.ln1`` ...; mmpretrain has transformer tokens only) and mmpvt's own,
+    also inside a detector or segmentor. Dropped: the classifier and the rest of a detector.
+    The class token, the position table, the performers' ``w`` and the final norm are kept: the
+    backbone uses them.
     """
-    return unwrap_checkpoint(checkpoint, ('state_dict_ema', 'state_dict', 'model', 'module'), skip_empty=True)
 
+    family = 't2t'
+    wrappers = ('state_dict_ema', 'state_dict', 'model', 'module')
+    skip_empty_wrappers = True
 
-def _is_wrapped(state: Mapping[str, Any]) -> bool:
-    """Whether the backbone sits under ``backbone.`` (a detector, segmentor or mmpretrain classifier)."""
-    return any(k.startswith('backbone.') for k in state)
+    def _detect(self, inside: Mapping[str, Any], outside: Mapping[str, Any]) -> str:
+        keys = list(inside)
+        if not any(k.startswith('tokens_to_token.') for k in keys):
+            raise ValueError('not a T2T-ViT state dict in any known layout (the authors\' release, '
+                             f'mmpretrain T2T_ViT, mmpvt); first keys: {keys[:5]}')
+        if any(k.startswith('encoder.') or '.ln1.' in k for k in keys):
+            return 'mmpretrain'
+        if outside or any(k.startswith(SimplePyramid.PREFIXES) for k in keys):
+            return 'mmpvt'
+        return 'official'
 
+    def _drops(self, key: str, layout: str) -> bool:
+        return bool(CLASSIFICATION_KEYS.match(key))
 
-def detect_t2t_layout(state_dict: Mapping[str, Any]) -> str:
-    """Names the layout of an (unwrapped) T2T-ViT state dict.
-
-    'mmpretrain' (``T2T_ViT``: ``encoder.{i}``, ``ln1``, ``ffn.layers``), 'mmpvt' (with the
-    pyramid's scale changes, or a whole detector or segmentor) or 'official' (the authors'
-    names; also mmpvt's own without a pyramid). Raises ValueError for anything else (a ViT, a
-    PVT, an MViTv2).
-    """
-    wrapped = _is_wrapped(state_dict)
-    keys = [k.removeprefix('backbone.') for k in state_dict if k.startswith('backbone.') or not wrapped]
-    if not any(k.startswith('tokens_to_token.') for k in keys):
-        raise ValueError('not a T2T-ViT state dict in any known layout (the authors\' release, mmpretrain '
-                         f'T2T_ViT, mmpvt); first keys: {list(state_dict)[:5]}')
-    if any(k.startswith('encoder.') or '.ln1.' in k for k in keys):
-        return 'mmpretrain'
-    if wrapped or any(k.startswith(SimplePyramid.PREFIXES) for k in keys):
-        return 'mmpvt'
-    return 'official'
-
-
-def _backbone_key(key: str, wrapped: bool) -> str | None:
-    """The mmpvt name of an (unwrapped) checkpoint key, or None if the backbone has no use for it."""
-    if wrapped:  # a detector or classifier: only its backbone is ours
-        if not key.startswith('backbone.'):
-            return None
-        key = key[len('backbone.'):]
-    if CLASSIFICATION_KEYS.match(key):
-        return None
-    for pattern, new in _MMPRETRAIN_RENAMES:
-        key = pattern.sub(new, key)
-    return key
-
-
-def t2t_dropped_keys(checkpoint: Mapping[str, Any]) -> list[str]:
-    """The keys of ``checkpoint``'s state dict that :func:`convert_t2t_state_dict` leaves out."""
-    state = unwrap_t2t_checkpoint(checkpoint)
-    wrapped = _is_wrapped(state)
-    return [k for k in state if _backbone_key(k, wrapped) is None]
-
-
-def convert_t2t_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Converts a T2T-ViT checkpoint in any known layout to mmpvt's T2TViT layout.
-
-    Accepts the authors' release files and files of the timm training script they used
-    (``state_dict`` and ``state_dict_ema``: the EMA weights are taken; ``module.`` prefixes
-    stripped), mmpretrain's ``T2T_ViT`` classifiers (``backbone.encoder.{i}.ln1`` ...;
-    mmpretrain has transformer tokens only) and mmpvt's own, also inside a detector or
-    segmentor. Dropped: the classifier and everything outside the backbone; any other key is
-    kept, so that a foreign tensor fails the load instead of vanishing. The class token, the
-    position table, the performers' ``w`` and the final norm are kept: the backbone uses them.
-    Pure and idempotent.
-
-    Raises:
-        ValueError: the checkpoint is no T2T-ViT state dict in a known layout.
-    """
-    state = unwrap_t2t_checkpoint(checkpoint)
-    detect_t2t_layout(state)
-    wrapped = _is_wrapped(state)
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        new = _backbone_key(key, wrapped)
-        if new is not None:
-            out[new] = value
-    return out
+    def _convert(self, state: dict[str, Any], layout: str) -> dict[str, torch.Tensor]:
+        if layout != 'mmpretrain':
+            return state
+        out = {}
+        for key, value in state.items():
+            for pattern, new in _MMPRETRAIN_RENAMES:
+                key = pattern.sub(new, key)
+            out[key] = value
+        return out
 
 
 # -- variants --------------------------------------------------------------------------------
@@ -609,3 +563,4 @@ T2T_ARCHS: dict[str, dict[str, Any]] = {
 }
 
 T2TViT.arch_zoo = T2T_ARCHS
+T2TViT.checkpoint_format = T2TCheckpointFormat()

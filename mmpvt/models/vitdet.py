@@ -11,7 +11,7 @@ identity, max-pool) sit in the backbone; the paper's per-level 1x1/3x3 convoluti
 separate ``ViTDetNeck``.
 
 The file reads bottom-up: the backbone, the neck, checkpoint conversion, then the table of
-variants. The blocks and position helpers are in ``layers.py``.
+variants. The blocks are in ``attention.py``, the pyramid's scale changes in ``pyramid.py``.
 """
 from __future__ import annotations
 
@@ -20,14 +20,13 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from mmengine.model import BaseModule
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import unwrap_checkpoint
+from ..checkpoint import CheckpointFormat
 from ..registry import register_model
 from .attention import TransformerBlock
 from .base import DenseBackbone
@@ -160,10 +159,6 @@ class ViTDet(DenseBackbone):
         settings['global_attn_indexes'] = indexes
         return settings
 
-    @staticmethod
-    def convert_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        return convert_vitdet_state_dict(checkpoint)
-
     def frozen_modules(self, num_stages: int) -> list[nn.Module]:
         """The embeddings and the first ``num_stages`` quarters of the blocks (none for 0).
 
@@ -292,42 +287,11 @@ _PYRAMID_RENAMES = (
     (re.compile(r'^neck\.fpn1\.([013])\.'), r'scale_x4.\1.'),
     (re.compile(r'^neck\.fpn2\.0\.'), 'scale_x2.0.'),
 )
-_QKV = re.compile(r'^(net\.)?blocks\.\d+\.attn\.qkv\.weight$')
-# Keys of other families whose blocks share timm's names: MViTv2's pooling attention,
-# T2T-ViT's tokens-to-token module.
-_OTHER_FAMILIES = re.compile(r'(\.attn\.pool_[qkv]\.|^tokens_to_token\.)')
-
-
-def unwrap_vitdet_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
-    """The flat state dict inside a release, training or detector checkpoint.
-
-    Takes the first of ``state_dict`` (mmengine), ``model`` (timm/DeiT/MAE/detectron2) and
-    ``module`` that holds a dict, and strips a ``module.`` (DataParallel) prefix.
-    """
-    return unwrap_checkpoint(checkpoint, ('state_dict', 'model', 'module'))
-
-
-def detect_vitdet_layout(state_dict: Mapping[str, Any]) -> str:
-    """Names the layout of an (unwrapped) plain-ViT state dict.
-
-    'detectron2' (``backbone.net.*``, ``backbone.simfp_*``), 'mmdet' (the ViTDet project:
-    ``backbone.*``, ``neck.fpn*``), 'mae' (timm names with the MAE decoder or mask token),
-    'timm' (timm ``vit_*``, DeiT, MAE encoder files) or 'mmpvt'. Raises ValueError for
-    anything else (a PVT, a ResNet).
-    """
-    keys = [k[len('backbone.'):] if k.startswith('backbone.') else k for k in state_dict]
-    if not any(_QKV.match(k) for k in keys) or any(_OTHER_FAMILIES.search(k) for k in keys):
-        raise ValueError('not a plain ViT state dict in any known layout (timm/DeiT/MAE, detectron2 '
-                         f'ViTDet, mmdet ViTDet, mmpvt); first keys: {list(state_dict)[:5]}')
-    if any(k.startswith(('net.', 'simfp_')) for k in keys):
-        return 'detectron2'
-    if any(k.startswith(SimplePyramid.PREFIXES) for k in keys):
-        return 'mmpvt'
-    if any(k.startswith('neck.fpn') for k in state_dict):
-        return 'mmdet'
-    if any(k.startswith(('decoder_', 'mask_token')) for k in keys):
-        return 'mae'
-    return 'timm'
+_QKV = re.compile(r'^blocks\.\d+\.attn\.qkv\.weight$')
+# A ViT cuts its image into patches with one convolution whose kernel is the patch (14 or 16
+# in every release; 8 and up in any ViT): with the blocks' fused qkv, the mark of a plain ViT.
+_PATCH_EMBED = 'patch_embed.proj.weight'
+MIN_PATCH = 8
 
 
 def _prefix_rows(rows: int) -> int:
@@ -340,62 +304,61 @@ def _prefix_rows(rows: int) -> int:
     return rows - math.isqrt(rows) ** 2
 
 
-def _backbone_key(key: str, detector: bool) -> str | None:
-    """The mmpvt name of a (unwrapped) checkpoint key, or None if the backbone has no use for it."""
-    if detector:  # only the backbone and the scale changes in mmdet's neck are the backbone's
-        if key.startswith('backbone.'):
-            key = key[len('backbone.'):]
-        elif not key.startswith(('neck.fpn1.', 'neck.fpn2.')):
-            return None
+def _rename(key: str) -> str | None:
+    """The mmpvt name of a checkpoint key (the backbone's, or a pyramid layer of mmdet's neck),
+    or None if the backbone has no use for it."""
     for pattern, new in _PYRAMID_RENAMES:
         if pattern.match(key):
             return pattern.sub(new, key)
     if PRETRAINING_KEYS.match(key) or key.startswith(('simfp_', 'neck.')):
-        return None  # simfp's other layers are the neck's
+        return None  # simfp's and the neck's other layers are ViTDetNeck's
     return key[len('net.'):] if key.startswith('net.') else key
 
 
-def _is_detector(state: Mapping[str, Any]) -> bool:
-    return any(k.startswith('backbone.') for k in state)
-
-
-def vitdet_dropped_keys(checkpoint: Mapping[str, Any]) -> list[str]:
-    """The keys of ``checkpoint`` that :func:`convert_vitdet_state_dict` leaves out."""
-    state = unwrap_vitdet_checkpoint(checkpoint)
-    detector = _is_detector(state)
-    return [k for k in state if _backbone_key(k, detector) is None]
-
-
-def convert_vitdet_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Converts a plain-ViT / ViTDet checkpoint in any known layout to mmpvt's ViTDet layout.
-
-    Accepts timm's ``vit_*`` and DeiT (also distilled) releases, MAE pre-training files,
-    detectron2 ViTDet detector checkpoints (``.pth``, or the ``.pkl`` numpy pickles once
-    read), mmdet's ViTDet project (backbone and the neck's scale changes) and mmpvt's own,
-    inside any ``state_dict``/``model`` wrapper. Dropped: classification and pre-training
-    entries (tokens, final norm, heads, MAE decoder) and everything outside the backbone;
-    any other key is kept, so that a foreign tensor fails the load instead of vanishing.
-    The position embedding gets exactly one row in front of its grid (timm's class-token-free
-    models have none, DeiT's distilled ones two). Pure and idempotent.
-
-    Raises:
-        ValueError: the checkpoint is no plain-ViT state dict in a known layout.
+class ViTDetCheckpointFormat(CheckpointFormat):
+    """Plain-ViT / ViTDet checkpoints: timm's ``vit_*`` and DeiT (also distilled) releases, MAE
+    pre-training files, detectron2 ViTDet detectors (``backbone.net``, ``backbone.simfp_*``;
+    ``.pth``, or the ``.pkl`` numpy pickles once read), mmdet's ViTDet project (the backbone,
+    and the scale changes its neck holds as ``neck.fpn1`` / ``neck.fpn2``) and mmpvt's own.
+    Dropped: classification and pre-training entries (tokens, final norm, heads, the MAE
+    decoder) and the rest of a detector. The position embedding gets exactly one row in front
+    of its grid (timm's class-token-free models have none, DeiT's distilled ones two).
     """
-    state = unwrap_vitdet_checkpoint(checkpoint)
-    detect_vitdet_layout(state)
-    detector = _is_detector(state)
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        new = _backbone_key(key, detector)
-        if new is not None:
-            out[new] = torch.as_tensor(value) if isinstance(value, np.ndarray) else value
-    if 'pos_embed' in out:
-        pos = out['pos_embed']
-        prefix = _prefix_rows(pos.shape[1])
-        if prefix != NUM_PREFIX_TOKENS:
-            front = pos[:, :1] if prefix else pos.new_zeros(1, 1, pos.shape[2])
-            out['pos_embed'] = torch.cat([front, pos[:, prefix:]], dim=1)
-    return out
+
+    family = 'vitdet'
+
+    def _detect(self, inside: Mapping[str, Any], outside: Mapping[str, Any]) -> str:
+        keys = [k[len('net.'):] if k.startswith('net.') else k for k in inside]
+        patch = inside.get(_PATCH_EMBED, inside.get('net.' + _PATCH_EMBED))
+        if not (any(_QKV.match(k) for k in keys) and patch is not None and len(patch.shape) == 4
+                and patch.shape[-1] == patch.shape[-2] >= MIN_PATCH):
+            raise ValueError('not a plain ViT state dict in any known layout (timm/DeiT/MAE, detectron2 '
+                             f'ViTDet, mmdet ViTDet, mmpvt); first keys: {list(inside)[:5]}')
+        if any(k.startswith(('net.', 'simfp_')) for k in inside):
+            return 'detectron2'
+        if any(k.startswith(SimplePyramid.PREFIXES) for k in keys):
+            return 'mmpvt'
+        if any(k.startswith('neck.fpn') for k in outside):
+            return 'mmdet'
+        if any(k.startswith(('decoder_', 'mask_token')) for k in keys):
+            return 'mae'
+        return 'timm'
+
+    def _drops(self, key: str, layout: str) -> bool:
+        return _rename(key) is None
+
+    def _adopts(self, key: str, layout: str) -> bool:
+        return key.startswith('neck.') and _rename(key) is not None
+
+    def _convert(self, state: dict[str, Any], layout: str) -> dict[str, torch.Tensor]:
+        out = {_rename(k): v for k, v in state.items()}
+        if 'pos_embed' in out:
+            pos = out['pos_embed']
+            prefix = _prefix_rows(pos.shape[1])
+            if prefix != NUM_PREFIX_TOKENS:
+                front = pos[:, :1] if prefix else pos.new_zeros(1, 1, pos.shape[2])
+                out['pos_embed'] = torch.cat([front, pos[:, prefix:]], dim=1)
+        return out
 
 
 # -- variants --------------------------------------------------------------------------------
@@ -418,3 +381,4 @@ VITDET_ARCHS: dict[str, dict[str, Any]] = {
 }
 
 ViTDet.arch_zoo = VITDET_ARCHS
+ViTDet.checkpoint_format = ViTDetCheckpointFormat()

@@ -57,21 +57,21 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+import mmpvt  # noqa: F401  (registers the backbones)
 from mmpvt.apis.quiet import quiet_third_party_warnings
-from mmpvt.models.mvit import MVIT_ARCHS
-from mmpvt.models.pvt import PVT_ARCHS, PVTV2_ARCHS
-from mmpvt.models.t2t_vit import T2T_ARCHS
-from mmpvt.models.vitdet import VITDET_ARCHS
+from mmpvt.registry import MODELS
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 V1_NAMES = {'tiny': 't', 'small': 's', 'medium': 'm', 'large': 'l'}
+# The variants, from the registered families' tables.
+PVT_VARIANTS, PVTV2_VARIANTS = list(MODELS.get('PVT').arch_zoo), list(MODELS.get('PVTv2').arch_zoo)
 VITDET = 'vitdet_'  # --arch vitdet_base: ViTDet's variants, prefixed
-ARCHS = [*PVT_ARCHS, *PVTV2_ARCHS, *(VITDET + name for name in VITDET_ARCHS)]
+ARCHS = [*PVT_VARIANTS, *PVTV2_VARIANTS, *(VITDET + name for name in MODELS.get('ViTDet').arch_zoo)]
 T2T = 't2t_'  # --arch t2t_14: T2T-ViT's variants, prefixed
-ARCHS += [T2T + name for name in T2T_ARCHS]
+ARCHS += [T2T + name for name in MODELS.get('T2TViT').arch_zoo]
 T2T_IMG_SIZE = 224  # both T2T rows' position tables: the pre-training grid, resized to the input's
 MVIT = 'mvit_'  # --arch mvit_tiny: MViTv2's variants, prefixed
-ARCHS += [MVIT + name for name in MVIT_ARCHS]
+ARCHS += [MVIT + name for name in MODELS.get('MViTv2').arch_zoo]
 MVIT_LAYOUTS = ('detection', 'classification')
 # The rows that run MViTv2: their builders also take the layout and the input sizes.
 MVIT_ROWS = ('mmpvt', 'timm', 'detectron2-style')
@@ -98,7 +98,6 @@ def mvit_layout(classification: bool) -> dict[str, Any]:
 def variant_settings(family: str, variant: str) -> dict[str, Any]:
     """The resolved arch of a registered family's variant (the family's defaults filled in),
     from a model on the meta device: no memory, no initialisation."""
-    from mmpvt.registry import MODELS
     with torch.device('meta'):
         return MODELS.get(family)(arch=variant).arch_settings
 
@@ -121,7 +120,7 @@ def build_mmpvt(arch: str, with_cp: bool, *, classification: bool = False,
         from mmpvt.models import T2TViT
         return T2TViT(arch=arch[len(T2T):], out_indices=(2,), img_size=T2T_IMG_SIZE, drop_path_rate=0.,
                       with_cp=with_cp)
-    cls = PVT if arch in PVT_ARCHS else PVTv2
+    cls = PVT if arch in PVT_VARIANTS else PVTv2
     return cls(arch=arch, drop_path_rate=0., with_cp=with_cp)
 
 
@@ -133,10 +132,10 @@ def build_mmdet(arch: str, with_cp: bool) -> torch.nn.Module | None:
     if arch.startswith(VITDET):
         return None  # mmdet's ViTDet is a project, not part of the package
     from mmdet.models.backbones.pvt import PyramidVisionTransformer, PyramidVisionTransformerV2
-    settings = {**PVT_ARCHS, **PVTV2_ARCHS}[arch]
+    settings = variant_settings('PVT' if arch in PVT_VARIANTS else 'PVTv2', arch)
     if settings.get('linear') or with_cp:
         return None  # mmdet has neither linear attention nor activation checkpointing
-    cls = PyramidVisionTransformer if arch in PVT_ARCHS else PyramidVisionTransformerV2
+    cls = PyramidVisionTransformer if arch in PVT_VARIANTS else PyramidVisionTransformerV2
     model = cls(embed_dims=settings['embed_dims'][0], num_layers=list(settings['depths']),
                 mlp_ratios=list(settings['mlp_ratios']), drop_path_rate=0.)
     model.init_weights()
@@ -170,7 +169,7 @@ def build_timm(arch: str, with_cp: bool, *, classification: bool = False,
         model.set_grad_checkpointing(with_cp)
         # timm's features_only for MViTv2: the four stage maps; the final norm and head pruned
         return FeatureGetterNet(model, out_indices=4)
-    if arch in PVT_ARCHS:
+    if arch in PVT_VARIANTS:
         return None  # timm has no PVT v1
     if arch.startswith(VITDET):
         from timm.models.vision_transformer_sam import VisionTransformerSAM

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmpvt.models.mvit import BlockSpec, MViTv2
+from mmpvt.models import MViTv2
 
 NORM_EPS = 1e-6  # every detectron2 MViT config: partial(nn.LayerNorm, eps=1e-6)
 
@@ -194,7 +194,7 @@ class MultiScaleBlock(nn.Module):
     max-pooled (kernel ``stride + 1``, padding ``(stride + 1) // 2``).
     """
 
-    def __init__(self, spec: BlockSpec, mlp_ratio: float) -> None:
+    def __init__(self, spec: Any, mlp_ratio: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(spec.dims, eps=NORM_EPS)
         self.attn = MultiScaleAttention(spec.dims, spec.out_dims, spec.num_heads, spec.q_stride,
@@ -220,7 +220,7 @@ class MViTDetectron2Style(nn.Module):
     """MViTv2's detection backbone as detectron2 writes it: the four stage maps, strides 4-32.
 
     Args:
-        arch: an mmpvt MViTv2 variant name (a key of ``MVIT_ARCHS``) or arch dict; it must
+        arch: an mmpvt MViTv2 variant name (a key of its ``arch_zoo``) or arch dict; it must
             widen in attention (``dim_mul_in_attention`` True), the design detectron2 has.
         window_size: stage-1 window side (56, halved per stage); 0 makes every block global.
         global_kv_stride_x2: double the kv stride of the global blocks of stages 2 and 3.

@@ -21,7 +21,7 @@ Where this differs from the authors' code, it is for the benchmark's sake only:
 
 Parameter names and shapes are the authors' (``cls_token``, ``pos_embed``,
 ``tokens_to_token.attention{1,2}...``, ``blocks.{i}...``, ``norm``), so that
-``convert_t2t_state_dict(peer.state_dict())`` loads into mmpvt's T2TViT with nothing missing
+``T2TViT.convert_state_dict(peer.state_dict())`` loads into mmpvt's T2TViT with nothing missing
 or unexpected; ``pos_embed`` and the performers' ``w`` are frozen parameters, as theirs are.
 """
 from __future__ import annotations
