@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmpvt.apis import LaunchError, format_metrics, load_config
-from mmpvt.apis.analysis import build_model, check_checkpoint_fits, load_model_checkpoint
+from mmpvt.apis import build_model, check_checkpoint_fits, load_model_checkpoint
+from mmpvt.cli import LaunchError, format_metrics, load_config
 from mmpvt.datasets.synthetic import generate
 
 from tooling import DEMO_CONFIGS, TOOLS

@@ -21,7 +21,7 @@ from mmengine.fileio import get_file_backend
 from mmengine.hooks import CheckpointHook
 from mmengine.logging import MessageHub
 
-from mmpvt.apis import LaunchError, apply_resume
+from mmpvt.cli import LaunchError, apply_resume
 from mmpvt.engine import atomic_write, install_atomic_checkpoints
 from mmpvt.engine.atomic import temporary_path
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mmengine.config import DictAction
 
-from mmpvt.apis import LaunchError, load_config
+from mmpvt.cli import LaunchError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / 'configs' / 'demo'

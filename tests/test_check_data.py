@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import pytest
 
-from mmpvt.apis import explain_data_error, load_config
+from mmpvt.cli import explain_data_error, load_config
 from mmpvt.datasets.synthetic import generate
 
 from tooling import DEMO_CONFIGS, TOOLS, run_tool
@@ -84,7 +84,7 @@ def _coco_json(workspace: Path) -> Path:
 
 
 def test_check_of_clean_datasets_finds_nothing(workspace, monkeypatch):
-    from mmpvt.apis.dataset_check import check_datasets
+    from mmpvt.cli.dataset_scan import check_datasets
 
     monkeypatch.chdir(workspace)
     for config in (RETINANET, FPN):
@@ -95,7 +95,7 @@ def test_check_of_clean_datasets_finds_nothing(workspace, monkeypatch):
 def test_check_finds_each_kind_of_coco_problem(workspace, monkeypatch):
     import json
 
-    from mmpvt.apis.dataset_check import check_datasets
+    from mmpvt.cli.dataset_scan import check_datasets
 
     monkeypatch.chdir(workspace)
     path = _coco_json(workspace)
@@ -124,7 +124,7 @@ def test_check_finds_each_kind_of_coco_problem(workspace, monkeypatch):
 
 
 def test_check_finds_invalid_label_values(workspace, monkeypatch):
-    from mmpvt.apis.dataset_check import check_datasets
+    from mmpvt.cli.dataset_scan import check_datasets
 
     monkeypatch.chdir(workspace)
     label_map = sorted((workspace / ADE / 'annotations' / 'training').glob('*.png'))[0]

@@ -24,7 +24,7 @@ import torch
 from test_backbone_contract import SMALL_ARCHS, all_levels, case_id, registered_backbones
 from test_tools import EXPECTED_METRICS, KEEP_ALL, TINY_RUN
 
-from mmpvt.apis import parse_metrics
+from mmpvt.cli import parse_metrics
 from mmpvt.datasets.synthetic import generate
 
 from tooling import DEMO_CONFIGS, TOOLS, free_port

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from mmpvt.apis import LaunchError, check_data, explain_data_error, load_config
+from mmpvt.cli import LaunchError, check_data, explain_data_error, load_config
 from mmpvt.datasets.synthetic import generate
 from mmpvt.datasets.transforms import SegLabelError, check_seg_labels
 

@@ -1,4 +1,4 @@
-"""FLOP counts (mmpvt.apis.analysis.count_flops and tools/analysis/get_flops.py).
+"""FLOP counts (mmpvt.cli.analysis.count_flops and tools/analysis/get_flops.py).
 
 The independent reference is the papers' table: the GFLOPs of the ImageNet models at 224x224
 (pvt_facts: v1 tiny 1.9, small 3.8, medium 6.7, large 9.8; v2 b0 0.6, b1 2.1, b2 4.0,
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from mmpvt import PVT, PVTv2
-from mmpvt.apis import load_config
-from mmpvt.apis.analysis import build_model, count_flops
+from mmpvt.apis import build_model
+from mmpvt.cli import load_config
+from mmpvt.cli.analysis import count_flops
 from mmpvt.ops import dwconv_gelu
 
 from tooling import DEMO_CONFIGS, TOOLS

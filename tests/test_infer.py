@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from mmpvt.apis import LaunchError, load_config
-from mmpvt.apis.analysis import build_model
-from mmpvt.apis.inference import (
+from mmpvt.apis import (
     ImagePredictor,
+    build_model,
     detection_record,
     find_images,
     output_names,
     segmentation_record,
 )
 from mmpvt.checkpoint import CheckpointError
+from mmpvt.cli import LaunchError, load_config
 from mmpvt.datasets.synthetic import generate
 
 from tooling import DEMO_CONFIGS, TOOLS

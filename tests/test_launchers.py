@@ -1,7 +1,7 @@
 """tools/dist_train.sh and dist_test.sh: the checks run once, and a failed worker is reported once.
 
 The launchers run the tool with --check-only in one process before torchrun's agent starts
-any worker (mmpvt/apis/dist_launch.py), so a bad config, checkpoint or dataset prints one
+any worker (mmpvt/cli/dist_launch.py), so a bad config, checkpoint or dataset prints one
 error block, not one per rank followed by torchrun's report. A worker that still fails is
 reported by one summary line, with its error shown once and every rank's log kept under the
 work dir. The end-to-end runs use the CPU (gloo) and fail early on purpose: seconds each.
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from mmpvt.apis import dist_launch
+from mmpvt.cli import dist_launch
 from mmpvt.datasets.synthetic import generate
 
 from tooling import DEMO_CONFIGS, TOOLS, free_port

@@ -31,9 +31,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmpvt.apis import load_config
-from mmpvt.apis.analysis import build_model
+from mmpvt.apis import build_model
 from mmpvt.checkpoint import load_checkpoint_file
+from mmpvt.cli import load_config
 from mmpvt.datasets.synthetic import generate
 
 from tooling import DEMO_CONFIGS, TOOLS

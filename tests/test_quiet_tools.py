@@ -2,7 +2,7 @@
 
 mmengine imports (and reloads) pkg_resources whenever a config names a base as
 ``mmdet::`` or ``mmseg::``, which setuptools >= 80 answers with a warning each time; mmseg
-warns about helpers its own heads use. Each tool hides exactly those (mmpvt.apis.quiet), so
+warns about helpers its own heads use. Each tool hides exactly those (mmpvt.cli.quiet), so
 its ``--help`` and a failing call print nothing but the tool's own text on stderr. The
 failing calls are chosen to read a config (and, for some, build an mmseg model) before they
 fail, which is where the notices came from.
@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from mmpvt.apis import quiet
+from mmpvt.cli import quiet
 
 from tooling import DEMO_CONFIGS, TOOLS
 from tooling import run_tool as run

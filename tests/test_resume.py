@@ -31,8 +31,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmpvt.apis import add_resume_hooks, load_config
 from mmpvt.checkpoint import load_checkpoint_file
+from mmpvt.cli import add_resume_hooks, load_config
 from mmpvt.datasets.synthetic import generate
 from mmpvt.engine import IterationSeedHook
 
@@ -118,8 +118,8 @@ def assert_same_weights(checkpoint: Path, reference: Path, rtol: float = 0.0) ->
 
 # tools/train.py as it would run if it did not add IterationSeedHook: the negative control.
 WITHOUT_THE_HOOK = ('import runpy, sys\n'
-                    'from mmpvt import apis\n'
-                    'apis.add_resume_hooks = lambda cfg: None\n'
+                    'from mmpvt import cli\n'
+                    'cli.add_resume_hooks = lambda cfg: None\n'
                     'sys.argv = sys.argv[1:]\n'
                     "runpy.run_path(sys.argv[0], run_name='__main__')\n")
 

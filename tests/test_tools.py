@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mmpvt.apis import LaunchError, check_data, check_file, format_metrics, load_config, parse_metrics
-from mmpvt.apis.launch import _replace_sync_bn
+from mmpvt.cli import LaunchError, check_data, check_file, format_metrics, load_config, parse_metrics
+from mmpvt.cli.launch import _replace_sync_bn
 from mmpvt.datasets.synthetic import generate
 
 from tooling import DEMO_CONFIGS, TOOLS, free_port
@@ -206,7 +206,7 @@ def test_cpu_processes_use_bn_instead_of_sync_bn():
 def test_amp_without_cuda_uses_bfloat16_on_the_cpu(workspace):
     import torch
 
-    from mmpvt.apis import cpu_has_fast_bf16
+    from mmpvt.cli import cpu_has_fast_bf16
     if torch.cuda.is_available() or not cpu_has_fast_bf16():
         pytest.skip('needs a CPU-only machine with bfloat16 units')
     out = run([TOOLS / 'train.py', CONFIGS['retinanet'], '--amp', '--work-dir', workspace / 'work_amp',
@@ -219,10 +219,10 @@ def test_amp_without_cuda_uses_bfloat16_on_the_cpu(workspace):
 def test_amp_is_refused_where_it_cannot_run(monkeypatch):
     import torch
 
-    from mmpvt.apis import enable_amp, load_config
+    from mmpvt.cli import enable_amp, load_config
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    monkeypatch.setattr('mmpvt.apis.amp.torch.cpu._is_amx_tile_supported', lambda: False, raising=False)
-    monkeypatch.setattr('mmpvt.apis.amp.torch.cpu._is_avx512_bf16_supported', lambda: False, raising=False)
+    monkeypatch.setattr('mmpvt.engine.amp.torch.cpu._is_amx_tile_supported', lambda: False, raising=False)
+    monkeypatch.setattr('mmpvt.engine.amp.torch.cpu._is_avx512_bf16_supported', lambda: False, raising=False)
     with pytest.raises(LaunchError, match='--amp needs a CUDA device or a CPU with bfloat16 units'):
         enable_amp(load_config(CONFIGS['retinanet']))
     # checked for a Slurm job on the node that submits it: the job's own nodes decide
@@ -294,7 +294,7 @@ def test_slurm_scripts_pass_the_job_to_srun(workspace, tmp_path):
 
 PAGE_FAULTS_OF_A_REUSED_BLOCK = '''
 import resource, sys, torch
-from mmpvt.apis import keep_freed_memory
+from mmpvt.cli import keep_freed_memory
 kept = sys.argv[1] == "keep" and keep_freed_memory()
 def cycle():  # a 64 MiB block, above glibc's largest mmap threshold, written then freed
     torch.ones(64 << 18).sum()
@@ -326,7 +326,7 @@ def test_cpu_runs_keep_freed_memory(monkeypatch, tmp_path):
 
     import torch
 
-    from mmpvt.apis import launch
+    from mmpvt.cli import launch
     calls = []
     monkeypatch.setattr(launch, 'keep_freed_memory', lambda: calls.append(1) or True)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
@@ -334,3 +334,32 @@ def test_cpu_runs_keep_freed_memory(monkeypatch, tmp_path):
                               work_dir=str(tmp_path))
     launch.load_run_config(args)
     assert calls == [1]
+
+
+CONFIG_SAVED_WITH_CPU_AMP = '''
+custom_imports = dict(imports=['mmpvt'], allow_failed_imports=False)
+default_scope = 'mmdet'
+optim_wrapper = dict(type='CPUAmpOptimWrapper', optimizer=dict(type='AdamW', lr=1e-4))
+'''
+REBUILD = '''
+import sys, torch
+from mmengine.config import Config
+from mmengine.optim import build_optim_wrapper
+from mmengine.registry import init_default_scope
+cfg = Config.fromfile(sys.argv[1])  # imports custom_imports, as mmdet's tools/train.py does
+init_default_scope(cfg.default_scope)
+wrapper = build_optim_wrapper(torch.nn.Linear(2, 2), cfg.optim_wrapper)
+assert 'mmpvt.cli' not in sys.modules  # what the tools import; mmdet's train.py does not
+print(type(wrapper).__name__, wrapper.cast_dtype)
+'''
+
+
+def test_a_config_saved_with_cpu_amp_rebuilds_with_only_custom_imports(tmp_path):
+    """tools/train.py --amp on a CPU writes type='CPUAmpOptimWrapper' into the run's config; a
+    process that only imports mmpvt (custom_imports), as mmdet's own tools/train.py, rebuilds it."""
+    saved = tmp_path / 'saved.py'
+    saved.write_text(CONFIG_SAVED_WITH_CPU_AMP)
+    done = subprocess.run([sys.executable, '-c', REBUILD, str(saved)], capture_output=True, text=True,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ['CPUAmpOptimWrapper', 'torch.bfloat16']

@@ -14,8 +14,8 @@ import sys
 
 from mmengine.config import DictAction
 
-from mmpvt import apis
-from mmpvt.apis.dataset_check import check_datasets
+from mmpvt import cli
+from mmpvt.cli.dataset_scan import check_datasets
 
 
 def parse_args() -> argparse.Namespace:
@@ -33,9 +33,9 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     if args.workers < 1:
-        raise apis.LaunchError(f'--workers must be at least 1, got {args.workers}')
-    cfg = apis.load_config(args.config, args.cfg_options)
-    apis.check_data(cfg, tuple(args.split))  # a missing directory: the layout, not a list of files
+        raise cli.LaunchError(f'--workers must be at least 1, got {args.workers}')
+    cfg = cli.load_config(args.config, args.cfg_options)
+    cli.check_data(cfg, tuple(args.split))  # a missing directory: the layout, not a list of files
     report = check_datasets(cfg, args.split, workers=args.workers)
     print(report.summary(), flush=True)
     if args.out:
@@ -45,8 +45,8 @@ def main() -> int:
 
 
 if __name__ == '__main__':
-    apis.quiet_third_party_warnings()
+    cli.quiet_third_party_warnings()
     try:
         sys.exit(main())
-    except apis.LaunchError as exc:
+    except cli.LaunchError as exc:
         sys.exit(f'error: {exc}')

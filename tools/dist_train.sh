@@ -4,7 +4,7 @@
 # One process per GPU; on a machine without a GPU, NUM_PROCS CPU processes over gloo.
 # Several nodes: run it on each with NNODES, NODE_RANK, MASTER_ADDR (and PORT) set.
 # The tool's checks run once first; a failed worker is reported in one line, with every
-# rank's log under WORK_DIR/dist_logs/ (mmpvt/apis/dist_launch.py).
+# rank's log under WORK_DIR/dist_logs/ (mmpvt/cli/dist_launch.py).
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 CONFIG NUM_PROCS [train.py options]" >&2

@@ -22,8 +22,8 @@ import torch
 from mmengine.config import DictAction
 from mmengine.utils import ProgressBar
 
-from mmpvt import apis
-from mmpvt.apis.inference import ImagePredictor, find_images, output_names
+from mmpvt import cli
+from mmpvt.apis import ImagePredictor, find_images, output_names
 from mmpvt.checkpoint import CheckpointError
 
 
@@ -52,30 +52,30 @@ def read_size(image: Path) -> tuple[int, int]:
     """
     array = mmcv.imfrombytes(image.read_bytes())
     if array is None:
-        raise apis.LaunchError(f'cannot read image {image}: not an image file, or a damaged one')
+        raise cli.LaunchError(f'cannot read image {image}: not an image file, or a damaged one')
     return array.shape[:2]
 
 
 def main() -> None:
     args = parse_args()
     if args.batch_size < 1:
-        raise apis.LaunchError(f'--batch-size must be >= 1, got {args.batch_size}')
+        raise cli.LaunchError(f'--batch-size must be >= 1, got {args.batch_size}')
     if not 0 <= args.score_thr <= 1:
-        raise apis.LaunchError(f'--score-thr must be in [0, 1], got {args.score_thr}')
+        raise cli.LaunchError(f'--score-thr must be in [0, 1], got {args.score_thr}')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
-        raise apis.LaunchError(f'--device {args.device}: no CUDA device here; use --device cpu')
+        raise cli.LaunchError(f'--device {args.device}: no CUDA device here; use --device cpu')
     images, root = find_images(args.input)
     # Fail before the model loads rather than halfway through a folder.
     unreadable = [image for image in images if not cv2.haveImageReader(str(image))]
     if unreadable:
-        raise apis.LaunchError(f'cannot read image {unreadable[0]}: not an image file'
+        raise cli.LaunchError(f'cannot read image {unreadable[0]}: not an image file'
                                + (f' ({len(unreadable) - 1} more like it)' if len(unreadable) > 1 else ''))
-    cfg = apis.load_config(args.config, args.cfg_options)
-    checkpoint = apis.check_file(args.checkpoint, 'checkpoint')
+    cfg = cli.load_config(args.config, args.cfg_options)
+    checkpoint = cli.check_file(args.checkpoint, 'checkpoint')
     try:
         predictor = ImagePredictor(cfg, checkpoint, args.device, args.score_thr)
     except (CheckpointError, FileNotFoundError) as exc:
-        raise apis.LaunchError(str(exc)) from exc
+        raise cli.LaunchError(str(exc)) from exc
 
     names = output_names(images, root)
     records = []
@@ -84,7 +84,7 @@ def main() -> None:
         batch = images[start:start + args.batch_size]
         try:
             sizes = [read_size(image) for image in batch]
-        except apis.LaunchError:
+        except cli.LaunchError:
             sys.stderr.write('\n')  # the error on a line of its own, after the progress bar
             raise
         for image, name, (height, width), (drawing, record) in zip(
@@ -104,8 +104,8 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    apis.quiet_third_party_warnings()  # before anything reads a config
+    cli.quiet_third_party_warnings()  # before anything reads a config
     try:
         main()
-    except apis.LaunchError as exc:
+    except cli.LaunchError as exc:
         sys.exit(f'error: {exc}')

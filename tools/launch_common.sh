@@ -38,7 +38,7 @@ PYEOF
 
 # run_torchrun NUM_PROCS SCRIPT ARGS...: NUM_PROCS processes per node of tools/SCRIPT with
 # --launcher pytorch; several nodes through NNODES, NODE_RANK, MASTER_ADDR and PORT.
-# mmpvt.apis.dist_launch runs SCRIPT's checks once (SCRIPT --check-only) before torchrun's
+# mmpvt.cli.dist_launch runs SCRIPT's checks once (SCRIPT --check-only) before torchrun's
 # agent starts the workers, keeps the other ranks' output under the work dir and reports a
 # failed worker in one line.
 run_torchrun() {
@@ -49,7 +49,7 @@ run_torchrun() {
   MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
   PORT=${PORT:-29500}
   if [ "$NODE_RANK" = 0 ]; then require_free_port "$PORT"; fi
-  exec "$PYTHON" -m mmpvt.apis.dist_launch \
+  exec "$PYTHON" -m mmpvt.cli.dist_launch \
     --nnodes="$NNODES" --node-rank="$NODE_RANK" --master-addr="$MASTER_ADDR" \
     --nproc="$nprocs" --port="$PORT" \
     "$ROOT/tools/$script" "$@"

@@ -13,8 +13,8 @@ import sys
 
 from mmengine.runner import Runner
 
-from mmpvt import apis
-from mmpvt.apis.analysis import check_checkpoint_fits
+from mmpvt import cli
+from mmpvt.apis import check_checkpoint_fits
 
 
 def parse_args() -> argparse.Namespace:
@@ -23,36 +23,36 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('--out', help='also dump the raw predictions to this .pkl file')
     parser.add_argument('--show-dir', help='draw predictions on every test image into this directory')
-    apis.add_run_arguments(parser, 'where the test log goes', 'test_dataloader.batch_size=2')
+    cli.add_run_arguments(parser, 'where the test log goes', 'test_dataloader.batch_size=2')
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    cfg = apis.load_run_config(args)
-    cfg.load_from = str(apis.check_file(args.checkpoint, 'checkpoint'))
+    cfg = cli.load_run_config(args)
+    cfg.load_from = str(cli.check_file(args.checkpoint, 'checkpoint'))
     if args.out:
-        apis.add_dump(cfg, args.out)
+        cli.add_dump(cfg, args.out)
     if args.show_dir:
-        apis.enable_show_dir(cfg, args.show_dir)
-    apis.check_data(cfg, ('test',))
+        cli.enable_show_dir(cfg, args.show_dir)
+    cli.check_data(cfg, ('test',))
     if args.check_only:  # what dist_*.sh runs once, before starting the workers
-        apis.report_checks_passed(cfg)
+        cli.report_checks_passed(cfg)
         return
-    apis.setup_distributed(cfg, args.launcher)
-    with apis.explain_data_errors(cfg, ('test',)):
+    cli.setup_distributed(cfg, args.launcher)
+    with cli.explain_data_errors(cfg, ('test',)):
         runner = Runner.from_cfg(cfg)
         _ = runner.test_loop  # builds the dataset: a broken annotation file is named before the checkpoint
         # mmengine's loader would only log tensors the checkpoint lacks and test random ones.
         check_checkpoint_fits(runner.model, cfg.load_from)
         metrics = runner.test()
-    if apis.is_main_process():  # no metrics at all is an error, naming the evaluator
-        print(apis.format_metrics(metrics, evaluator=runner.test_loop.evaluator), flush=True)
+    if cli.is_main_process():  # no metrics at all is an error, naming the evaluator
+        print(cli.format_metrics(metrics, evaluator=runner.test_loop.evaluator), flush=True)
 
 
 if __name__ == '__main__':
-    apis.quiet_third_party_warnings()  # before anything reads a config
+    cli.quiet_third_party_warnings()  # before anything reads a config
     try:
         main()
-    except apis.LaunchError as exc:
+    except cli.LaunchError as exc:
         sys.exit(f'error: {exc}')

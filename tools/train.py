@@ -12,7 +12,7 @@ import sys
 
 from mmengine.runner import Runner
 
-from mmpvt import apis
+from mmpvt import cli
 from mmpvt.engine import InvalidLossError
 
 
@@ -27,33 +27,33 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--allow-invalid-loss', action='store_true',
                         help='keep training when the loss becomes NaN or inf (by default the run stops at '
                              'that iteration with an error line, keeping the last good checkpoint)')
-    apis.add_run_arguments(parser, 'where logs and checkpoints go', 'train_cfg.max_iters=100')
+    cli.add_run_arguments(parser, 'where logs and checkpoints go', 'train_cfg.max_iters=100')
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    cfg = apis.load_run_config(args)
+    cfg = cli.load_run_config(args)
     if args.amp:  # checked for a Slurm job on the submitting node: the job's nodes have their own hardware
-        apis.enable_amp(cfg, here=not (args.check_only and args.launcher == 'slurm'))
+        cli.enable_amp(cfg, here=not (args.check_only and args.launcher == 'slurm'))
     if args.auto_scale_lr:
-        apis.enable_auto_scale_lr(cfg)
-    apis.apply_resume(cfg, args.resume)
-    apis.add_resume_hooks(cfg)
+        cli.enable_auto_scale_lr(cfg)
+    cli.apply_resume(cfg, args.resume)
+    cli.add_resume_hooks(cfg)
     if not args.allow_invalid_loss:
-        apis.add_loss_check(cfg)
-    apis.check_data(cfg, ('train', 'val'))
+        cli.add_loss_check(cfg)
+    cli.check_data(cfg, ('train', 'val'))
     if args.check_only:  # what dist_*.sh runs once, before starting the workers
-        apis.report_checks_passed(cfg)
+        cli.report_checks_passed(cfg)
         return
-    apis.setup_distributed(cfg, args.launcher)
-    with apis.explain_data_errors(cfg, ('train', 'val')):
+    cli.setup_distributed(cfg, args.launcher)
+    with cli.explain_data_errors(cfg, ('train', 'val')):
         Runner.from_cfg(cfg).train()
 
 
 if __name__ == '__main__':
-    apis.quiet_third_party_warnings()  # before anything reads a config
+    cli.quiet_third_party_warnings()  # before anything reads a config
     try:
         main()
-    except (apis.LaunchError, InvalidLossError) as exc:
+    except (cli.LaunchError, InvalidLossError) as exc:
         sys.exit(f'error: {exc}')

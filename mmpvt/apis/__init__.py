@@ -1,42 +1,10 @@
-"""Helpers for mmpvt's command-line tools (tools/train.py, tools/test.py, tools/analysis/).
+"""mmpvt's inference API: a detector or segmentor from its config with a checkpoint that fits
+it, and predictions on one's own images (what ``tools/infer.py`` runs).
 
-Imported by the tools only; ``import mmpvt`` does not load it. Importing it registers
-``CPUAmpOptimWrapper`` (bfloat16 autocast on the CPU, used by ``train.py --amp``).
+    from mmpvt.apis import ImagePredictor, build_model
 """
-from .amp import CPUAmpOptimWrapper, cpu_has_fast_bf16
-from .launch import (
-    LaunchError,
-    add_dump,
-    add_loss_check,
-    add_resume_hooks,
-    add_run_arguments,
-    apply_resume,
-    check_cfg_options,
-    check_data,
-    check_file,
-    default_work_dir,
-    enable_amp,
-    enable_auto_scale_lr,
-    enable_show_dir,
-    explain_data_error,
-    explain_data_errors,
-    format_metrics,
-    is_main_process,
-    load_config,
-    load_run_config,
-    parse_metrics,
-    report_checks_passed,
-    setup_distributed,
-)
-from .memory import keep_freed_memory
-from .quiet import quiet_third_party_warnings
+from .inference import ImagePredictor, detection_record, find_images, output_names, segmentation_record
+from .model import build_model, check_checkpoint_fits, load_model_checkpoint
 
-__all__ = [
-    'add_dump', 'add_loss_check', 'add_resume_hooks', 'add_run_arguments', 'apply_resume',
-    'check_cfg_options',
-    'check_data', 'check_file', 'cpu_has_fast_bf16', 'CPUAmpOptimWrapper', 'default_work_dir',
-    'enable_amp', 'enable_auto_scale_lr', 'enable_show_dir', 'explain_data_error',
-    'explain_data_errors', 'format_metrics', 'is_main_process', 'keep_freed_memory', 'LaunchError',
-    'load_config', 'load_run_config', 'parse_metrics', 'quiet_third_party_warnings', 'report_checks_passed',
-    'setup_distributed',
-]
+__all__ = ['ImagePredictor', 'build_model', 'check_checkpoint_fits', 'detection_record', 'find_images',
+           'load_model_checkpoint', 'output_names', 'segmentation_record']

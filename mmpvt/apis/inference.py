@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 from mmengine.config import Config
 
-from .analysis import load_model_checkpoint
-from .errors import LaunchError
+from ..errors import LaunchError
+from .model import load_model_checkpoint
 
 __all__ = ['IMAGE_SUFFIXES', 'ImagePredictor', 'detection_record', 'find_images', 'output_names',
            'segmentation_record']

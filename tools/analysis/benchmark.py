@@ -17,8 +17,9 @@ import time
 import torch
 from mmengine.config import DictAction
 
-from mmpvt.apis import LaunchError, load_config, quiet_third_party_warnings
-from mmpvt.apis.analysis import build_model, default_shape, dummy_batch
+from mmpvt.apis import build_model
+from mmpvt.cli import LaunchError, load_config, quiet_third_party_warnings
+from mmpvt.cli.analysis import default_shape, dummy_batch
 
 
 def parse_args() -> argparse.Namespace:

@@ -58,7 +58,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import mmpvt  # noqa: F401  (registers the backbones)
-from mmpvt.apis.quiet import quiet_third_party_warnings
+from mmpvt.cli.quiet import quiet_third_party_warnings
 from mmpvt.registry import MODELS
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     allocator = 'glibc default'
     if args.keep_freed_memory:
-        from mmpvt.apis import keep_freed_memory
+        from mmpvt.cli import keep_freed_memory
         allocator = 'freed memory kept' if keep_freed_memory() else 'glibc default (setting refused)'
     gpu = (f', {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})' if args.device == 'cuda' else '')
     print(f'machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, '

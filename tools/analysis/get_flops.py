@@ -15,8 +15,9 @@ import torch
 from mmengine.config import DictAction
 from torch import nn
 
-from mmpvt.apis import LaunchError, load_config, quiet_third_party_warnings
-from mmpvt.apis.analysis import build_model, count_flops, count_parameters, default_shape, dummy_batch
+from mmpvt.apis import build_model
+from mmpvt.cli import LaunchError, load_config, quiet_third_party_warnings
+from mmpvt.cli.analysis import count_flops, count_parameters, default_shape, dummy_batch
 
 
 class TensorForward(nn.Module):

@@ -18,8 +18,8 @@ import torch
 from mmengine.config import DictAction
 from mmengine.dataset import pseudo_collate
 
-from mmpvt.apis import LaunchError, load_config, quiet_third_party_warnings
-from mmpvt.apis.analysis import build_model
+from mmpvt.apis import build_model
+from mmpvt.cli import LaunchError, load_config, quiet_third_party_warnings
 
 
 def colour_of(palette: list | None, label: int) -> tuple[int, int, int]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from mmengine.config import Config
 
-from .errors import LaunchError
+from ..errors import LaunchError
 
 # Top-level keys that mmengine reads from a config besides the arguments of Runner.__init__
 # (Runner.from_cfg, wrap_model, train) and the ones mmpvt's tools set.

@@ -16,7 +16,7 @@ from typing import Any
 
 from mmengine.config import Config
 
-from .errors import LaunchError, is_remote
+from ..errors import LaunchError, is_remote
 
 KNOWN_LAYOUTS = {
     'CocoDataset': 'annotations/instances_{train,val}2017.json, train2017/, val2017/',
@@ -151,26 +151,32 @@ def _missing_path(exc: BaseException) -> str | None:
     return match.group(1) if match else None
 
 
-def _explain_missing_file(cfg: Config, missing: str, stages: tuple[str, ...]) -> LaunchError | None:
-    """Names the dataset (and the annotation file listing it) that a missing file belongs to."""
-    missing_dir = Path(missing).parent.resolve()
+def _run_datasets(cfg: Config, stages: tuple[str, ...]) -> Iterator[tuple[Mapping[str, Any], Path, str]]:
+    """Each dataset config a run of ``stages`` reads: the config, its data root, and where it sits
+    (``val_dataloader.dataset (CocoDataset)``). Stages the config does not run are passed over."""
     for stage in stages:
         loader = cfg.get(f'{stage}_dataloader')
         if not loader or (stage != 'train' and not cfg.get(f'{stage}_cfg')):
             continue
         for dataset in _leaf_datasets(loader['dataset']):
-            root = Path(dataset.get('data_root') or '')
-            where = f'{stage}_dataloader.dataset ({dataset.get("type", "dataset")})'
-            for kind, prefix in (dataset.get('data_prefix') or {}).items():
-                if not prefix or (root / prefix).resolve() != missing_dir:
-                    continue
-                if 'seg' in kind:  # mmseg pairs each image with the label map of the same name
-                    return LaunchError(f'label map not found: {missing} (the label map of an image in '
-                                       f'{root / dataset["data_prefix"].get("img_path", "")}, {where})')
-                if dataset.get('ann_file'):
-                    return LaunchError(f'image not found: {missing} (listed in {root / dataset["ann_file"]}, '
-                                       f'{where})')
-                return LaunchError(f'file not found: {missing} ({where})')
+            yield dataset, Path(dataset.get('data_root') or ''), \
+                f'{stage}_dataloader.dataset ({dataset.get("type", "dataset")})'
+
+
+def _explain_missing_file(cfg: Config, missing: str, stages: tuple[str, ...]) -> LaunchError | None:
+    """Names the dataset (and the annotation file listing it) that a missing file belongs to."""
+    missing_dir = Path(missing).parent.resolve()
+    for dataset, root, where in _run_datasets(cfg, stages):
+        for kind, prefix in (dataset.get('data_prefix') or {}).items():
+            if not prefix or (root / prefix).resolve() != missing_dir:
+                continue
+            if 'seg' in kind:  # mmseg pairs each image with the label map of the same name
+                return LaunchError(f'label map not found: {missing} (the label map of an image in '
+                                   f'{root / dataset["data_prefix"].get("img_path", "")}, {where})')
+            if dataset.get('ann_file'):
+                return LaunchError(f'image not found: {missing} (listed in {root / dataset["ann_file"]}, '
+                                   f'{where})')
+            return LaunchError(f'file not found: {missing} ({where})')
     return None
 
 
@@ -182,15 +188,10 @@ _UNDECODABLE = re.compile(r'failed to load image: (.+?)\s*$', re.MULTILINE)
 def _where_image(cfg: Config, image: str, stages: tuple[str, ...]) -> str:
     """The dataset config entry whose image directory holds ``image`` ('' if none does)."""
     image_dir = Path(image).parent.resolve()
-    for stage in stages:
-        loader = cfg.get(f'{stage}_dataloader')
-        if not loader or (stage != 'train' and not cfg.get(f'{stage}_cfg')):
-            continue
-        for dataset in _leaf_datasets(loader['dataset']):
-            root = Path(dataset.get('data_root') or '')
-            prefixes = (dataset.get('data_prefix') or {}).values()
-            if any(prefix and (root / prefix).resolve() == image_dir for prefix in prefixes):
-                return f'{stage}_dataloader.dataset ({dataset.get("type", "dataset")})'
+    for dataset, root, where in _run_datasets(cfg, stages):
+        prefixes = (dataset.get('data_prefix') or {}).values()
+        if any(prefix and (root / prefix).resolve() == image_dir for prefix in prefixes):
+            return where
     return ''
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from mmengine.config import Config
 
-from .data_checks import _leaf_datasets
+from .data_errors import _leaf_datasets
 
 # kind -> what the summary calls it
 KINDS = {

@@ -1,6 +1,6 @@
 """torchrun for mmpvt's tools: the checks once, then the workers, and one report of a failure.
 
-    python -m mmpvt.apis.dist_launch --nproc N [--nnodes 1 --node-rank 0 --master-addr ADDR
+    python -m mmpvt.cli.dist_launch --nproc N [--nnodes 1 --node-rank 0 --master-addr ADDR
                                      --port PORT] tools/train.py CONFIG [options]
 
 tools/dist_train.sh and tools/dist_test.sh call this (they read NNODES, NODE_RANK,
@@ -202,7 +202,7 @@ def _log_agent_to(path: Path) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog='python -m mmpvt.apis.dist_launch',
+    parser = argparse.ArgumentParser(prog='python -m mmpvt.cli.dist_launch',
                                      description=__doc__.splitlines()[0])
     parser.add_argument('--nproc', type=int, required=True, help='worker processes on this node')
     parser.add_argument('--nnodes', type=int, default=1)

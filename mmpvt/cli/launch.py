@@ -2,7 +2,7 @@
 
 * Clear errors before anything heavy runs: a missing config or checkpoint (``errors``), a
   misspelt ``--cfg-options`` key (``cfg_options``), a missing dataset directory, named with
-  the layout the config expects, and bad data files met during the run (``data_checks``).
+  the layout the config expects, and bad data files met during the run (``data_errors``).
 * Distributed runs on machines without a GPU: mmengine's ``pytorch`` launcher calls
   ``torch.cuda.set_device`` and fails there, so the process group is initialised here with
   gloo and the model is wrapped without device ids. With CUDA, mmengine's own path (NCCL)
@@ -22,9 +22,9 @@ from typing import Any
 
 from mmengine.config import Config, ConfigDict, DictAction
 
+from ..errors import LaunchError, check_file
 from .cfg_options import check_cfg_options
-from .data_checks import check_data, explain_data_error, explain_data_errors
-from .errors import LaunchError, check_file
+from .data_errors import check_data, explain_data_error, explain_data_errors
 from .memory import keep_freed_memory
 
 __all__ = [
@@ -73,7 +73,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, work_dir_help: str, optio
                              'print the work dir and exit (the launchers run this once before the workers)')
 
 
-# What --check-only prints before the work dir; mmpvt.apis.dist_launch reads the line back.
+# What --check-only prints before the work dir; mmpvt.cli.dist_launch reads the line back.
 CHECKED_WORK_DIR = 'checks passed; work dir: '
 
 
@@ -165,7 +165,7 @@ def enable_amp(cfg: Config, here: bool = True) -> None:
     """
     import torch
 
-    from .amp import cpu_has_fast_bf16
+    from ..engine.amp import cpu_has_fast_bf16
     if cfg.optim_wrapper.get('type', 'OptimWrapper') in ('AmpOptimWrapper', 'CPUAmpOptimWrapper'):
         return
     if torch.cuda.is_available():

@@ -1,0 +1,43 @@
+"""What mmpvt's command-line tools share (tools/train.py, test.py, infer.py, check_data.py,
+the launchers and tools/analysis/): configs and their checks, the run's options, distributed
+launches on GPUs and CPUs, and quiet, one-line errors.
+
+Imported by the tools only; ``import mmpvt`` does not load it. The inference API (a model
+from a config and a checkpoint, predictions on images) is ``mmpvt.apis``.
+"""
+from ..engine.amp import cpu_has_fast_bf16
+from ..errors import LaunchError, check_file
+from .launch import (
+    add_dump,
+    add_loss_check,
+    add_resume_hooks,
+    add_run_arguments,
+    apply_resume,
+    check_cfg_options,
+    check_data,
+    default_work_dir,
+    enable_amp,
+    enable_auto_scale_lr,
+    enable_show_dir,
+    explain_data_error,
+    explain_data_errors,
+    format_metrics,
+    is_main_process,
+    load_config,
+    load_run_config,
+    parse_metrics,
+    report_checks_passed,
+    setup_distributed,
+)
+from .memory import keep_freed_memory
+from .quiet import quiet_third_party_warnings
+
+__all__ = [
+    'add_dump', 'add_loss_check', 'add_resume_hooks', 'add_run_arguments', 'apply_resume',
+    'check_cfg_options',
+    'check_data', 'check_file', 'cpu_has_fast_bf16', 'default_work_dir',
+    'enable_amp', 'enable_auto_scale_lr', 'enable_show_dir', 'explain_data_error',
+    'explain_data_errors', 'format_metrics', 'is_main_process', 'keep_freed_memory', 'LaunchError',
+    'load_config', 'load_run_config', 'parse_metrics', 'quiet_third_party_warnings', 'report_checks_passed',
+    'setup_distributed',
+]
