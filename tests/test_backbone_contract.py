@@ -12,6 +12,7 @@ import re
 
 import pytest
 import torch
+from mmengine.registry import DefaultScope
 from torch import nn
 
 import mmpvt  # noqa: F401  (registers the backbones)
@@ -88,6 +89,29 @@ def test_family_states_its_variants_and_small_archs(cls):
     assert SMALL_ARCHS.get(cls.__name__), f'add small test archs for {cls.__name__} to SMALL_ARCHS'
     for arch in SMALL_ARCHS[cls.__name__]:
         assert set(cls.required_arch_keys) <= set(arch)
+
+
+# Names other libraries register for their own models: a family named so would shadow them or
+# be shadowed (mmpretrain's MViTv2 is 'MViT', its T2T-ViT 'T2T_ViT'; mmdet's ViTDet project
+# registers 'ViT', 'SimpleFPN' and 'LN2d').
+FOREIGN_NAMES = {'MViT', 'T2T_ViT', 'ViT', 'SimpleFPN', 'LN2d', 'VisionTransformer',
+                 'PyramidVisionTransformer', 'PyramidVisionTransformerV2', 'MixVisionTransformer'}
+
+
+@pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
+@pytest.mark.parametrize('cls', BACKBONES, ids=lambda c: c.__name__)
+def test_registered_name_builds_under_every_scope_and_shadows_nothing(cls, scope):
+    """``type='<name>'`` builds unprefixed under mmdet's and mmseg's default scopes, and
+    ``type='mmpvt.<name>'`` under any; the name is none of the other libraries' models."""
+    import importlib
+    registry = importlib.import_module(f'{scope}.registry').MODELS
+    assert cls.__name__ not in FOREIGN_NAMES
+    assert registry.get(cls.__name__) is cls
+    arch = SMALL_ARCHS[cls.__name__][0]
+    with DefaultScope.overwrite_default_scope(scope):
+        for name in (cls.__name__, f'mmpvt.{cls.__name__}'):
+            built = registry.build(dict(type=name, arch=arch, out_indices=(3,)))
+            assert type(built) is cls and built.out_indices == (3,)
 
 
 # -- every published variant, on the meta device ----------------------------------------------
@@ -276,11 +300,14 @@ def test_bad_input_is_refused_with_the_expected_shape(case):
     for shape in [(3, 64, 64), (1, 1, 64, 64), (1, 4, 64, 64), (1, 3, side - 1, 64), (1, 3, 64, side - 1)]:
         with pytest.raises(ValueError, match=expected):
             model(torch.randn(shape))
-    x = torch.randn(1, 3, 64, 64)
-    x[0, 2, 3, 4] = float('nan')
-    with pytest.raises(FloatingPointError, match='NaN or inf in its input batch during training'):
-        model.train()(x)
-    cls(arch=arch, check_finite=False).train()(x)  # the documented opt-out
+    for value in (float('nan'), float('inf')):
+        x = torch.randn(1, 3, 64, 64)
+        x[0, 2, 3, 4] = value
+        with pytest.raises(FloatingPointError, match='NaN or inf in its input batch during training'):
+            model.train()(x)
+        cls(arch=arch, check_finite=False).train()(x)  # the documented opt-out
+        with torch.no_grad():
+            model.eval()(x)  # inference reports nothing: the outputs carry the NaN
 
 
 # -- weights ----------------------------------------------------------------------------------

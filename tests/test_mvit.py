@@ -19,7 +19,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from mmengine.registry import DefaultScope
 from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 from torch import nn
 
@@ -490,17 +489,6 @@ def test_bad_arguments_are_explained():
             small(window_size=window)
     with pytest.raises(ValueError, match='H, W >= 32'):
         small()(torch.randn(1, 3, 64, 31))
-
-
-@pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
-def test_registered_name_builds_and_does_not_clash(scope):
-    from mmdet.registry import MODELS as MMDET_MODELS
-    from mmseg.registry import MODELS as MMSEG_MODELS
-    registry = MMDET_MODELS if scope == 'mmdet' else MMSEG_MODELS
-    assert MViTv2.__name__ != 'MViT'  # mmpretrain's classification port
-    with DefaultScope.overwrite_default_scope(scope):
-        backbone = registry.build(dict(type='MViTv2', arch=dict(SMALL), out_indices=(3,)))
-    assert type(backbone) is MViTv2 and backbone.out_channels == (128,)
 
 
 # -- checkpoint layouts ---------------------------------------------------------------------

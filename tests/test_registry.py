@@ -4,7 +4,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from mmengine.registry import DefaultScope
 
 import mmpvt
 from mmpvt import PVT, PVTv2
@@ -18,16 +17,6 @@ def registry_of(scope):
     else:
         from mmseg.registry import MODELS
     return MODELS
-
-
-@pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
-@pytest.mark.parametrize('type_name,cls', [
-    ('PVT', PVT), ('PVTv2', PVTv2), ('mmpvt.PVT', PVT), ('mmpvt.PVTv2', PVTv2)])
-def test_backbones_build_under_each_default_scope(scope, type_name, cls):
-    arch = 'tiny' if cls is PVT else 'b0'
-    with DefaultScope.overwrite_default_scope(scope):
-        model = registry_of(scope).build(dict(type=type_name, arch=arch, out_indices=(3,)))
-    assert type(model) is cls and model.out_channels == ((512,) if cls is PVT else (256,))
 
 
 def test_names_do_not_shadow_mmdet_or_mmseg_backbones():

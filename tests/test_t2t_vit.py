@@ -20,7 +20,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from mmengine.registry import DefaultScope
 from timm.models.mvitv2 import MultiScaleVit, MultiScaleVitCfg
 from torch import nn
 
@@ -721,14 +720,3 @@ def test_bad_arguments_are_explained():
     with pytest.raises(ValueError, match='H, W >= 32'):
         small()(torch.randn(1, 3, 31, 64))
 
-
-@pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
-def test_registered_name_builds_under_each_scope(scope):
-    from mmdet.registry import MODELS as MMDET_MODELS
-    from mmseg.registry import MODELS as MMSEG_MODELS
-    assert T2TViT.__name__ != 'T2T_ViT'  # mmpretrain's registered name
-    registry = MMDET_MODELS if scope == 'mmdet' else MMSEG_MODELS
-    with DefaultScope.overwrite_default_scope(scope):
-        cfg = dict(type='T2TViT', arch=dict(SMALL, tokens_type='performer'), out_indices=(2,))
-        backbone = registry.build(cfg)
-    assert type(backbone) is T2TViT and backbone.out_channels == (64,)

@@ -252,21 +252,17 @@ def test_neck_completes_the_pyramid():
         neck(maps[:3])
 
 
-CLASHING_NAMES = {'ViT', 'SimpleFPN', 'LN2d', 'VisionTransformer'}
-
-
 @pytest.mark.parametrize('scope', ['mmdet', 'mmseg'])
-def test_registered_names_build_and_do_not_clash(scope):
+def test_the_neck_builds_under_each_scope(scope):
+    """ViTDetNeck is no backbone, so the contract suite's name test does not cover it; mmdet's
+    ViTDet project calls its neck SimpleFPN and its norm LN2d, names mmpvt leaves to it."""
     from mmdet.registry import MODELS as MMDET_MODELS
-    from mmseg.models.backbones import VisionTransformer
     from mmseg.registry import MODELS as MMSEG_MODELS
     registry = MMDET_MODELS if scope == 'mmdet' else MMSEG_MODELS
-    assert not {ViTDet.__name__, ViTDetNeck.__name__} & CLASHING_NAMES
-    assert MMSEG_MODELS.get('VisionTransformer') is VisionTransformer
+    assert ViTDetNeck.__name__ not in {'SimpleFPN', 'LN2d'}
     with DefaultScope.overwrite_default_scope(scope):
-        backbone = registry.build(dict(type='ViTDet', arch=dict(SMALL), out_indices=(2,)))
         neck = registry.build(dict(type='ViTDetNeck', in_channels=[64], num_outs=2))
-    assert type(backbone) is ViTDet and type(neck) is ViTDetNeck
+    assert type(neck) is ViTDetNeck
 
 
 # -- parity with timm -------------------------------------------------------------------------
