@@ -250,6 +250,16 @@ def test_without_a_freeze_everything_but_torch_is_carried():
     assert set(left_out) == {'torch', 'torchvision'}
 
 
+def test_a_left_out_distribution_is_present_when_any_alias_is_installed():
+    """The GPU machines have OpenCV's headless build; a wheelhouse made for them leaves out
+    opencv-python, which the headless build provides."""
+    found = {'opencv-python': None, 'opencv-python-headless': '5.1.0', 'opencv-contrib-python': None,
+             'opencv-contrib-python-headless': None, 'numpy': '2.5.5', 'rich': None}
+    assert setup_env.absent_names(['opencv-python', 'numpy', 'rich'], found) == ['rich']
+    assert setup_env.aliases_of('numpy') == {'numpy'}
+    assert 'opencv-python-headless' in setup_env.aliases_of('opencv-python')
+
+
 def test_a_malformed_freeze_line_is_named(tmp_path):
     freeze = tmp_path / 'freeze.txt'
     freeze.write_text('numpy==2.0\nnot a requirement line\n')

@@ -858,16 +858,24 @@ def check_wheelhouse(plan: Plan) -> None:
                          + (f' and {len(missing) - 1} more' if len(missing) > 1 else ''))
     expected = [name for name in manifest['left_out'] if name not in TARGET_OWNS]
     python = plan.venv / 'bin' / 'python' if plan.venv_info else plan.python
-    done = run([str(python), '-c', PRESENT_CHECK, json.dumps(expected)], quiet=True)
-    found = json.loads(done.stdout.strip().splitlines()[-1])
-    for group in ALIASES:
-        have = [found[n] for n in group if found.get(n)]
-        found.update({n: have[0] for n in group if n in found and have})
-    absent = [name for name, version in found.items() if version is None]
+    asked = sorted({member for name in expected for member in aliases_of(name)})
+    done = run([str(python), '-c', PRESENT_CHECK, json.dumps(asked)], quiet=True)
+    absent = absent_names(expected, json.loads(done.stdout.strip().splitlines()[-1]))
     if absent:
         raise SetupError(f'the wheelhouse {directory} leaves out {", ".join(absent)} (its target had them), '
                          f'but {python} has none: make the wheelhouse with this machine\'s `pip freeze` as '
                          '--target-freeze')
+
+
+def aliases_of(name: str) -> frozenset[str]:
+    """``name`` and the distributions that provide the same module (ALIASES)."""
+    return next((group for group in ALIASES if name in group), frozenset({name}))
+
+
+def absent_names(expected: Sequence[str], found: dict[str, str | None]) -> list[str]:
+    """Those of ``expected`` that no installed distribution provides (``found``: name ->
+    installed version or None, for every alias of every expected name)."""
+    return [name for name in expected if not any(found.get(member) for member in aliases_of(name))]
 
 
 def install_from_wheelhouse(plan: Plan) -> None:
