@@ -10,14 +10,22 @@ same checkpoint once more without the hook and checks that. Four images in batch
 an epoch of two iterations: the resumed run's fast-forward over the three trained
 batches starts a new pass over the data, as long runs do.
 
-One process is held to bit equality. Two processes (DDP over gloo) are held to float rounding:
-under load, CI saw the resumed run's last bits differ in a few tensors (two of the neck's extra
-convolutions; once a grad_norm in its 8th digit) while two uninterrupted runs agreed bit for bit
-even under load; the cause is not isolated. The bounds sit below what a missing seed does: the
-negative control's losses leave the uninterrupted run's by more than the scalar bound (measured:
-7e-6 relative at iteration 4, with the demo head's earlier four convolutions per branch; the
-test holds it on every run) and its weights by more than a thousand times the tensor bound
-(measured at the zoo's head width: half of a tensor's largest magnitude in a hundred tensors).
+One process is held to bit equality. Two processes (DDP over gloo) are held to float rounding,
+measured in the weights' own terms: how far the resumed run's final weights are from the
+uninterrupted run's, relative to how far the uninterrupted run moved them in the resumed
+iterations (``||w - w_ref|| / ||w_ref - w_killed||``). Elementwise bounds do not hold here:
+AdamW divides each step by the gradient's running RMS, so an element whose gradient is
+itself at rounding level (a key bias, which softmax cancels; a few elements of the box
+regression head) takes a step of the learning rate's size whichever way its rounding goes.
+CI saw that as tensors a few 1e-5 of their largest magnitude apart, one run in four. Measured
+with ``RoundingNoiseHook`` (tests/crash_hook.py), which adds 1 or 16 units in the last place
+of each tensor's largest gradient to every gradient of the resumed iterations, two
+processes: elements up to 0.18 (1 ulp) and 0.49 (16 ulps) of the summed learning rate apart,
+tensors up to 0.043 and 0.094 of their movement, all weights 0.0037 and 0.012. Without the
+seed hook (the negative control, one process): all weights 0.20 of their movement apart, 171
+of 204 tensors over 0.1. The bounds: 0.02 over all weights (the negative control is ten times
+over it; the test holds it at least five times over), 0.5 per tensor (a tensor that was not
+restored is apart by at least its whole movement), 1e-6 relative on logged scalars.
 """
 import json
 import random
@@ -73,47 +81,45 @@ def logged_iterations(work_dir: Path) -> dict[int, dict]:
     return iterations
 
 
-# Two processes: relative bounds on logged scalars and on tensors (see the module docstring).
-SCALAR_RTOL, TENSOR_RTOL = 1e-6, 1e-5
+# Two processes: bounds relative to the resumed iterations' movement (see the module docstring).
+SCALAR_RTOL, MOVED_RTOL, TENSOR_MOVED_RTOL = 1e-6, 0.02, 0.5
 
 
-def compared(key: str, tensor: torch.Tensor, rtol: float) -> torch.Tensor:
-    """What of a tensor the two-process bounds compare: all of it, but for the key half of
-    PVTv2's ``kv.bias``. A key bias adds the same ``q . b`` to every logit of a query, which
-    softmax cancels: its gradient is rounding noise, which AdamW scales to steps of the
-    learning rate's size, so its values are rounding, not training state. Measured in a
-    two-process run that failed on them: the key halves apart by up to 1.1 times their own
-    largest magnitude (2e-4 of the whole tensor's), the value halves by 5.6e-7."""
-    if rtol and key.endswith('attn.kv.bias'):
-        return tensor[tensor.shape[0] // 2:]
-    return tensor
-
-
-def differing_tensors(checkpoint: Path, reference: Path, rtol: float = 0.0) -> list[str]:
-    """The keys whose tensors differ between two checkpoints of the same model.
-
-    ``rtol=0``: any bit; otherwise by more than ``rtol`` of the tensor's largest magnitude
-    (see :func:`compared`).
-    """
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     # mmpvt's loader reads with weights_only=True: the checkpoints stay loadable that way.
-    state = load_checkpoint_file(checkpoint)['state_dict']
-    expected = load_checkpoint_file(reference)['state_dict']
+    return load_checkpoint_file(checkpoint)['state_dict']
+
+
+def differing_tensors(checkpoint: Path, reference: Path) -> list[str]:
+    """The keys whose tensors differ in any bit between two checkpoints of the same model."""
+    state, expected = weights(checkpoint), weights(reference)
     assert state.keys() == expected.keys()
-    if not rtol:
-        return [key for key in state if not torch.equal(state[key], expected[key])]
-    pairs = {key: (compared(key, state[key], rtol).double(), compared(key, expected[key], rtol).double())
-             for key in state}
-    return [key for key, (value, ref) in pairs.items()
-            if not torch.allclose(value, ref, rtol=0, atol=rtol * float(ref.abs().max()) + 1e-30)]
+    return [key for key in state if not torch.equal(state[key], expected[key])]
+
+
+def distance_moved(checkpoint: Path, reference: Path, start: Path) -> tuple[float, dict[str, float]]:
+    """How far ``checkpoint``'s weights are from ``reference``'s, relative to how far the
+    reference moved them from ``start``: over all floating-point tensors together, and per
+    tensor (inf for a tensor that differs but did not move; integer tensors must be equal)."""
+    state, expected, started = weights(checkpoint), weights(reference), weights(start)
+    assert state.keys() == expected.keys() == started.keys()
+    apart, moved, per_tensor = 0.0, 0.0, {}
+    for key, ref in expected.items():
+        if not ref.is_floating_point():
+            per_tensor[key] = 0.0 if torch.equal(state[key], ref) else float('inf')
+            continue
+        tensor_apart = float((state[key].double() - ref.double()).norm())
+        tensor_moved = float((ref.double() - started[key].double()).norm())
+        apart, moved = apart + tensor_apart ** 2, moved + tensor_moved ** 2
+        if tensor_moved:
+            per_tensor[key] = tensor_apart / tensor_moved
+        else:
+            per_tensor[key] = float('inf') if tensor_apart else 0.0
+    return (apart / moved) ** 0.5, per_tensor
 
 
 def same_scalars(logged: dict, expected: dict, rtol: float) -> bool:
     return logged == expected if not rtol else logged == pytest.approx(expected, rel=rtol, abs=1e-12)
-
-
-def assert_same_weights(checkpoint: Path, reference: Path, rtol: float = 0.0) -> None:
-    different = differing_tensors(checkpoint, reference, rtol)
-    assert not different, f'{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}'
 
 
 # tools/train.py as it would run if it did not add IterationSeedHook: the negative control.
@@ -178,8 +184,16 @@ def test_resumed_run_equals_the_uninterrupted_run(processes, workspace):
     exact = processes == 1
     for iteration in range(1, MAX_ITERS + 1):
         assert same_scalars(logged[iteration], expected[iteration], 0.0 if exact else SCALAR_RTOL), iteration
-    assert_same_weights(work_dir / f'iter_{MAX_ITERS}.pth', full_dir / f'iter_{MAX_ITERS}.pth',
-                        0.0 if exact else TENSOR_RTOL)
+    final, reference = work_dir / f'iter_{MAX_ITERS}.pth', full_dir / f'iter_{MAX_ITERS}.pth'
+    if exact:
+        different = differing_tensors(final, reference)
+        assert not different, f'{len(different)} tensors differ from the uninterrupted run: {different[:3]}'
+    else:
+        overall, per_tensor = distance_moved(final, reference, killed_checkpoint)
+        worst = max(per_tensor, key=per_tensor.get)
+        assert overall <= MOVED_RTOL and per_tensor[worst] <= TENSOR_MOVED_RTOL, (
+            f'weights {overall:.3g} of their movement from the uninterrupted run\'s (bound {MOVED_RTOL}); '
+            f'worst tensor {worst}: {per_tensor[worst]:.3g} (bound {TENSOR_MOVED_RTOL})')
 
     if processes == 1:
         # Negative control: the same resumed run, from the same checkpoint, without the hook
@@ -196,9 +210,8 @@ def test_resumed_run_equals_the_uninterrupted_run(processes, workspace):
         for iteration in unseeded_logged:
             loss, expected_loss = unseeded_logged[iteration]['loss'], expected[iteration]['loss']
             assert not same_scalars({'loss': loss}, {'loss': expected_loss}, SCALAR_RTOL), iteration
-        assert differing_tensors(unseeded_dir / f'iter_{MAX_ITERS}.pth', full_dir / f'iter_{MAX_ITERS}.pth',
-                                 TENSOR_RTOL * 1000)
-
+        overall, _ = distance_moved(unseeded_dir / f'iter_{MAX_ITERS}.pth', reference, killed_checkpoint)
+        assert overall > 5 * MOVED_RTOL, overall
 
 # -- the hook on its own ----------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
