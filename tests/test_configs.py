@@ -89,6 +89,8 @@ OTHER_FAMILIES = sorted([
     # tests/test_t2t_configs.py
     'retinanet_t2t_vit_14.py', 'mask_rcnn_t2t_vit_14.py', 'fpn_t2t_vit_14_ade20k.py',
     'retinanet_t2t_vit_t_14.py', 'mask_rcnn_t2t_vit_t_14.py', 'fpn_t2t_vit_t_14_ade20k.py',
+    # tests/test_mvit_v1_configs.py
+    'retinanet_mvitv1_b16.py', 'mask_rcnn_mvitv1_b16.py', 'fpn_mvitv1_b16_ade20k.py',
     # tests/test_mvit_configs.py
     'mask_rcnn_mvitv2_t_3x.py', 'cascade_mask_rcnn_mvitv2_t_3x.py', 'cascade_mask_rcnn_mvitv2_s_3x.py',
     'cascade_mask_rcnn_mvitv2_b_3x.py', 'cascade_mask_rcnn_mvitv2_l_lsj.py',
@@ -348,7 +350,9 @@ UNPUBLISHED = {'mask_rcnn_pvt_v2_b2_li_3x.py', 'deformable_detr_pvt_v2_b2.py', '
                'retinanet_t2t_vit_14.py', 'mask_rcnn_t2t_vit_14.py', 'fpn_t2t_vit_14_ade20k.py',
                'retinanet_t2t_vit_t_14.py', 'mask_rcnn_t2t_vit_t_14.py', 'fpn_t2t_vit_t_14_ade20k.py',
                # MViTv2-T in the zoo's 1x / 40k recipes: beyond detectron2's release
-               'retinanet_mvitv2_t.py', 'mask_rcnn_mvitv2_t.py', 'fpn_mvitv2_t_ade20k.py'}
+               'retinanet_mvitv2_t.py', 'mask_rcnn_mvitv2_t.py', 'fpn_mvitv2_t_ade20k.py',
+               # no MViT v1 detector or segmentor recipe is published
+               'retinanet_mvitv1_b16.py', 'mask_rcnn_mvitv1_b16.py', 'fpn_mvitv1_b16_ade20k.py'}
 
 
 def test_readme_and_metafile_list_every_config():
@@ -429,8 +433,11 @@ def test_metafile_and_readme_give_the_variant_tables_release_urls():
     for model in meta['Models']:
         backbone = load(Path(model['Config']).name).model.backbone
         assert model['Metadata']['Pretrained'] == release_of(backbone), model['Name']
-    releases = {url for cls in ('PVT', 'PVTv2', 'MViTv2', 'ViTDet', 'T2TViT')
-                for variant in family_class(cls).arch_zoo.values() if (url := variant.get('pretrained'))}
+    # What each variant table names: the file its configs load, and for MViT-B-16 also the page
+    # of the official zoo's file (a Google Drive page, no direct download).
+    releases = {url for cls in ('PVT', 'PVTv2', 'MViTv1', 'MViTv2', 'ViTDet', 'T2TViT')
+                for variant in family_class(cls).arch_zoo.values() for key in ('pretrained', 'release_page')
+                if (url := variant.get(key))}
     readme = (CONFIGS / 'README.md').read_text()
     for url in re.findall(r'https://[^\s)`\'"|]+', readme):
         if '<' in url:  # a pattern: 'releases/download/v2/<name>.pth'

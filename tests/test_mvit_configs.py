@@ -204,20 +204,9 @@ def test_other_methods_take_the_zoo_recipes_with_mvitv2_t(name):
     assert (backbone.type, backbone.arch, zoo.drop_path_of(built), built.window_size) == (
         'MViTv2', 'tiny', pytest.approx(0.2), 56)
     assert backbone.init_cfg == dict(type='Pretrained', checkpoint=f'{RELEASE}MViTv2_T_in1k.pyth')
-    optimizer = cfg.optim_wrapper.optimizer
-    lr = {'retinanet': 1e-4, 'mask_rcnn': 2e-4, 'fpn': 2e-4}[name.split('_mvitv2')[0]]
-    assert (optimizer.type, optimizer.lr, optimizer.weight_decay) == ('AdamW', lr, 1e-4)
+    zoo.check_zoo_recipe(cfg, name.split('_mvitv2')[0])
     assert 'paramwise_cfg' not in cfg.optim_wrapper
-    if name.startswith('fpn'):
-        assert cfg.train_cfg.max_iters == 40000 and cfg.auto_scale_lr.base_batch_size == 32
-    else:
-        assert cfg.train_cfg.max_epochs == 12 and cfg.auto_scale_lr.base_batch_size == 16
-    if name.startswith('retinanet'):
-        # FPN from stride 8: the stride-4 level (and its output norm) is not built.
-        assert backbone.out_indices == (1, 2, 3)
-        assert cfg.model.neck.in_channels == [192, 384, 768] and cfg.model.neck.start_level == 0
-    else:
-        assert backbone.out_indices == (0, 1, 2, 3) and cfg.model.neck.in_channels == [96, 192, 384, 768]
+    zoo.check_fpn_wiring(cfg, name.split('_mvitv2')[0], [96, 192, 384, 768])
 
 
 # -- every model builds ----------------------------------------------------------------------------

@@ -257,7 +257,8 @@ def test_t2t_benchmark_rows_have_the_same_tensors(arch):
     (['--arch', 't2t_7'], 't2t_7,', ['mmpvt', 'official']),
     (['--arch', 'mvit_tiny', '--mvit-layout', 'classification'], 'mvit_tiny (classification layout)',
      ['mmpvt', 'timm', 'detectron2-style']),
-], ids=['t2t', 'mvit'])
+    (['--arch', 'mvitv1_b16'], 'mvitv1_b16,', ['mmpvt', 'torchvision']),
+], ids=['t2t', 'mvit', 'mvitv1'])
 def test_benchmark_harness_times_the_families_against_their_peers(argv, title, names):
     """In-process, as the script's main() runs it: the table has a row per peer, each timed."""
     harness = load_harness()
@@ -473,3 +474,19 @@ def test_rel_pos_mask_is_the_outer_sum_rounded_once(dtype):
     spread = _rel_pos_spread(rel_h, rel_w)
     assert (spread is None) == (dtype == torch.float32)  # the product path in reduced precision
     torch.testing.assert_close(_rel_pos_mask(rel_h, rel_w, spread), ref, rtol=0, atol=0)
+
+
+def test_mvit_v1_peer_is_torchvisions_model_with_mmpvts_tensors():
+    """The torchvision row is the same network: its parameters are mmpvt's but for mmpvt's three
+    detection output norms, plus torchvision's (zero) temporal table and its one-class head;
+    it exists for one input size with sides that are multiples of 4, without checkpointing."""
+    harness = load_harness()
+    with torch.device('meta'):
+        ours = harness.build_mmpvt('mvitv1_b16', False)
+        peer = harness.build_torchvision('mvitv1_b16', False, sizes=((224, 224),))
+    out_norms = sum(p.numel() for n, p in ours.named_parameters() if n.startswith('scale'))
+    extra = 96 + 768 + 1  # temporal_pos (1, 96); head.1 (1, 768) and its bias
+    ours_count = sum(p.numel() for p in ours.parameters())
+    assert sum(p.numel() for p in peer.parameters()) == ours_count - out_norms + extra
+    for sizes, with_cp in ((((224, 224),), True), (((226, 224),), False), (((224, 224), (256, 256)), False)):
+        assert harness.build_torchvision('mvitv1_b16', with_cp, sizes=sizes) is None

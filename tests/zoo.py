@@ -90,6 +90,33 @@ def shrink(node, factor: int = 8) -> None:
 
 
 # -- the backbone a config builds -----------------------------------------------------------------
+# The zoo's 1x / 40k recipes (configs/_base_/retinanet.py, mask_rcnn.py, fpn_ade20k.py): AdamW's lr
+# per method, weight decay 1e-4.
+ZOO_LR = {'retinanet': 1e-4, 'mask_rcnn': 2e-4, 'fpn': 2e-4}
+
+
+def check_zoo_recipe(cfg: Config, method: str) -> None:
+    """The zoo's recipe for ``method``: AdamW, 12 epochs at a batch of 16 (detectors) or 40k
+    iterations at 32 (Semantic FPN)."""
+    optimizer = cfg.optim_wrapper.optimizer
+    assert (optimizer.type, optimizer.lr, optimizer.weight_decay) == ('AdamW', ZOO_LR[method], 1e-4)
+    if method == 'fpn':
+        assert cfg.train_cfg.max_iters == 40000 and cfg.auto_scale_lr.base_batch_size == 32
+    else:
+        assert cfg.train_cfg.max_epochs == 12 and cfg.auto_scale_lr.base_batch_size == 16
+
+
+def check_fpn_wiring(cfg: Config, method: str, channels: list[int]) -> None:
+    """The neck reads the backbone's levels of ``channels`` (all four): from stride 8 for
+    RetinaNet (the stride-4 level, and its output norm, not built), from stride 4 otherwise."""
+    backbone, neck = cfg.model.backbone, cfg.model.neck
+    if method == 'retinanet':
+        assert backbone.out_indices == (1, 2, 3)
+        assert neck.in_channels == channels[1:] and neck.start_level == 0
+    else:
+        assert backbone.out_indices == (0, 1, 2, 3) and neck.in_channels == channels
+
+
 def backbone_of(cfg: Config) -> nn.Module:
     """The config's backbone, built on the meta device (no memory, no weights loaded)."""
     from mmpvt.registry import MODELS

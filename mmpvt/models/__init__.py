@@ -4,9 +4,9 @@ Each family's checkpoint reading is its ``checkpoint_format`` (``PVTv2.checkpoin
 ``.convert``, ``.dropped_keys``; ``PVTv2.convert_state_dict`` converts).
 """
 from .base import DenseBackbone
-from .mvit import MViTv2
+from .mvit import MViTv1, MViTv2
 from .pvt import PVT, PVTv2
 from .t2t_vit import T2TViT
 from .vitdet import ViTDet, ViTDetNeck
 
-__all__ = ['DenseBackbone', 'PVT', 'PVTv2', 'ViTDet', 'ViTDetNeck', 'MViTv2', 'T2TViT']
+__all__ = ['DenseBackbone', 'PVT', 'PVTv2', 'ViTDet', 'ViTDetNeck', 'MViTv1', 'MViTv2', 'T2TViT']

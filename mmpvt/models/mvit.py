@@ -1,4 +1,5 @@
-"""MViTv2: a multiscale transformer with pooling attention, as a dense-prediction backbone.
+"""The MViT family, MViTv2 and the original MViT (v1): multiscale transformers with pooling
+attention, as dense-prediction backbones.
 
 Paper: "MViTv2: Improved Multiscale Vision Transformers for Classification and Detection"
 (Li, Wu, Fan, Mangalam, Xiong, Malik, Feichtenhofer; CVPR 2022). The blocks are the
@@ -9,9 +10,15 @@ residual pooling and decomposed relative positions. The detection design is dete
 end of stages 2 and 3, relative-position tables kept at their 224 shapes and resized on every
 forward, and a new LayerNorm per output level applied to a copy of the trunk.
 
-The file reads bottom-up: the layers specific to MViTv2, the block, the stage rules (which
-block pools by how much, where windows shrink and attention goes global), the backbone,
-checkpoint conversion, then the table of variants. Windows and relative positions are in
+MViT v1 ("Multiscale Vision Transformers", Fan et al., ICCV 2021; PySlowFast's modules) uses
+the same pooling attention, blocks and stage rules; it differs by data: a class token and an
+absolute position table, q pooled only at stage starts, the width growing in the MLP, no
+relative positions and no residual pooling. Its blocks run on a token sequence led by the class
+token (``forward_tokens``), MViTv2's on a token map.
+
+The file reads bottom-up: the layers specific to the family, the block, the stage rules (which
+block pools by how much, where windows shrink and attention goes global), the two backbones,
+checkpoint conversion, then the tables of variants. Windows and relative positions are in
 ``attention.py``, the MLP in ``layers.py``.
 """
 from __future__ import annotations
@@ -31,7 +38,7 @@ from ..checkpoint import CheckpointFormat
 from ..registry import register_model
 from .attention import rel_pos_attention, rel_pos_lookup, window_partition
 from .base import DenseBackbone
-from .layers import DropPath, Mlp, PatchEmbed, init_linear_and_norm
+from .layers import HW, DropPath, Mlp, PatchEmbed, abs_pos_embed_to_grid, init_linear_and_norm
 
 # LayerNorm eps of every MViTv2 release and of detectron2's MViT configs.
 NORM_EPS = 1e-6
@@ -96,12 +103,21 @@ class PoolingAttention(nn.Module):
         window_size: side of the windows before pooling, 0 for global attention; must be a
             multiple of both strides.
         rel_pos_rows: rows of the relative-position tables (resized when a window or map
-            needs another number).
+            needs another number); 0 for none (MViT v1).
+        pool_q: whether q is pooled and normalised; MViT v1 does so only where ``q_stride``
+            is 2, MViTv2 in every block.
+        residual_pooling: add the pooled q to the attention output (MViTv2), or not (v1).
+
+    :meth:`forward` is MViTv2's attention on a token map; :meth:`forward_tokens` is v1's, on
+    a token sequence led by a class token, with global attention.
     """
 
     def __init__(self, dims: int, out_dims: int, num_heads: int, q_stride: int, kv_stride: int,
-                 window_size: int, rel_pos_rows: int) -> None:
+                 window_size: int, rel_pos_rows: int, pool_q: bool = True,
+                 residual_pooling: bool = True) -> None:
         super().__init__()
+        if not pool_q and q_stride != 1:
+            raise ValueError(f'a block that pools q by {q_stride} needs its q pooling (pool_q=True)')
         if out_dims % num_heads:
             raise ValueError(f'num_heads ({num_heads}) must divide the attention width ({out_dims})')
         if window_size % q_stride or window_size % kv_stride:
@@ -113,15 +129,20 @@ class PoolingAttention(nn.Module):
         self.window_size = window_size
         self.qkv = nn.Linear(dims, 3 * out_dims)
         self.proj = nn.Linear(out_dims, out_dims)
-        self.pool_q = HeadSharedPool(head_dims, q_stride)
-        self.norm_q = nn.LayerNorm(head_dims, eps=NORM_EPS)
+        # MViT v1 pools q only where it strides (the official modules have no pool_q elsewhere).
+        self.pool_q = HeadSharedPool(head_dims, q_stride) if pool_q else None
+        self.norm_q = nn.LayerNorm(head_dims, eps=NORM_EPS) if pool_q else None
         self.pool_k = HeadSharedPool(head_dims, kv_stride)
         self.norm_k = nn.LayerNorm(head_dims, eps=NORM_EPS)
         self.pool_v = HeadSharedPool(head_dims, kv_stride)
         self.norm_v = nn.LayerNorm(head_dims, eps=NORM_EPS)
-        # Zero start, as detectron2's: every release carries trained tables.
-        self.rel_pos_h = nn.Parameter(torch.zeros(rel_pos_rows, head_dims))
-        self.rel_pos_w = nn.Parameter(torch.zeros(rel_pos_rows, head_dims))
+        self.residual_pooling = residual_pooling
+        if rel_pos_rows:
+            # Zero start, as detectron2's: every release carries trained tables.
+            self.rel_pos_h = nn.Parameter(torch.zeros(rel_pos_rows, head_dims))
+            self.rel_pos_w = nn.Parameter(torch.zeros(rel_pos_rows, head_dims))
+        else:
+            self.rel_pos_h = self.rel_pos_w = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # q, k and v come from three products with the thirds of the qkv weights: each part is
@@ -138,8 +159,36 @@ class PoolingAttention(nn.Module):
             # (B, heads, tokens, head_dims) views of the maps
             out = rel_pos_attention(*(t.flatten(1, 2).transpose(1, 2) for t in (q, k, v)), R_h, R_w)
             out = out.transpose(1, 2).unflatten(1, (q_h, q_w))  # a view, whatever the layout
-        # residual pooling
-        return self.proj((out + q).flatten(-2))
+        return self.proj((out + q if self.residual_pooling else out).flatten(-2))
+
+    def forward_tokens(self, x: torch.Tensor, hw: HW) -> tuple[torch.Tensor, HW]:
+        """MViT v1's attention over ``(B, 1 + H * W, dims)`` tokens, the class token first.
+
+        Each of q, k and v is pooled on its ``(H, W)`` grid while the class token bypasses
+        the convolution; the class token is then put back in front and normalised with the
+        pooled tokens (one LayerNorm over all of them), as the official modules do. q without
+        pooling (``pool_q`` False) is neither pooled nor normalised. All queries attend to all
+        keys through the fused kernel, which never holds the ``Nq x Nk`` logits. No relative
+        positions, no residual pooling. Returns ``(B, 1 + H' * W', out_dims)`` and ``(H', W')``.
+        """
+        if self.rel_pos_h is not None or self.residual_pooling or self.window_size:
+            raise NotImplementedError('forward_tokens is MViT v1\'s global attention: no relative '
+                                      'positions, residual pooling or windows')
+        heads, out_hw = self.num_heads, tuple(hw)
+        parts = []
+        pools, norms = (self.pool_q, self.pool_k, self.pool_v), (self.norm_q, self.norm_k, self.norm_v)
+        for w, b, pool, norm in zip(self.qkv.weight.chunk(3), self.qkv.bias.chunk(3), pools, norms):
+            t = F.linear(x, w, b)
+            if pool is None:
+                t = t.unflatten(-1, (heads, -1))
+            else:
+                pooled = pool.pool_heads(t[:, 1:].unflatten(1, hw))  # (B, H', W', heads, head_dims)
+                if pool is self.pool_q:
+                    out_hw = tuple(pooled.shape[1:3])
+                t = norm(torch.cat([t[:, :1].unflatten(-1, (heads, -1)), pooled.flatten(1, 2)], dim=1))
+            parts.append(t.transpose(1, 2))  # (B, heads, tokens, head_dims)
+        out = F.scaled_dot_product_attention(*parts)
+        return self.proj(out.transpose(1, 2).flatten(2)), out_hw
 
     def _windowed_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Attention inside windows for ``(B, H, W, heads, head_dims)`` pooled maps; returns q's shape.
@@ -207,10 +256,14 @@ class MultiScaleBlock(nn.Module):
     model but MViTv2-L IN-1k), on ``norm2``'s when the MLP does. A q-stride block max-pools
     its skip path (kernel ``stride + 1``, padding 1).
 
+    :meth:`forward` runs MViTv2's block on a map; :meth:`forward_tokens` runs MViT v1's on a
+    token sequence led by a class token (the same layers, v1's attention).
+
     Args:
         dims: channels of the input map.
         out_dims: channels of the output map.
-        num_heads, q_stride, kv_stride, window_size, rel_pos_rows: the attention's settings.
+        num_heads, q_stride, kv_stride, window_size, rel_pos_rows, pool_q, residual_pooling:
+            the attention's settings (:class:`PoolingAttention`).
         widen_in_attention: where a width change happens (see above).
         mlp_ratio: hidden width of the MLP relative to its input.
         drop_path: stochastic-depth rate of both residual branches.
@@ -218,14 +271,15 @@ class MultiScaleBlock(nn.Module):
 
     def __init__(self, dims: int, out_dims: int, num_heads: int, q_stride: int, kv_stride: int,
                  window_size: int, rel_pos_rows: int, widen_in_attention: bool = True,
-                 mlp_ratio: float = 4., drop_path: float = 0.) -> None:
+                 mlp_ratio: float = 4., drop_path: float = 0., pool_q: bool = True,
+                 residual_pooling: bool = True) -> None:
         super().__init__()
         attn_dims = out_dims if widen_in_attention else dims
         self.q_stride = q_stride
         self.widen_in_attention = widen_in_attention
         self.norm1 = nn.LayerNorm(dims, eps=NORM_EPS)
         self.attn = PoolingAttention(dims, attn_dims, num_heads, q_stride, kv_stride, window_size,
-                                     rel_pos_rows)
+                                     rel_pos_rows, pool_q, residual_pooling)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(attn_dims, eps=NORM_EPS)
         self.mlp = Mlp(attn_dims, int(attn_dims * mlp_ratio), out_dims=out_dims)
@@ -250,6 +304,26 @@ class MultiScaleBlock(nn.Module):
         x = x + self.drop_path(self.mlp(x_norm))
         return x, x
 
+    def forward_tokens(self, x: torch.Tensor, hw: HW) -> tuple[torch.Tensor, HW]:
+        """MViT v1's block on ``(B, 1 + H * W, C)`` tokens, the class token first.
+
+        The same residual rules as :meth:`forward`; the skip path's max-pooling runs on the
+        grid while the class token bypasses it, and stochastic depth drops a sample's class
+        token with its grid, as the official block (one tensor) does. Returns the output
+        tokens and their grid.
+        """
+        x_norm = self.norm1(x)
+        attended, out_hw = self.attn.forward_tokens(x_norm, hw)
+        if self.proj is not None and self.widen_in_attention:
+            x = self.proj(x_norm)
+        if self.q_stride > 1:
+            grid = max_pool_tokens(x[:, 1:].unflatten(1, hw), self.q_stride)
+            x = torch.cat([x[:, :1], grid.flatten(1, 2)], dim=1)
+        x = x + self.drop_path(attended)
+        x_norm = self.norm2(x)
+        shortcut = self.proj(x_norm) if self.proj is not None and not self.widen_in_attention else x
+        return shortcut + self.drop_path(self.mlp(x_norm)), out_hw
+
 
 # -- stage rules -----------------------------------------------------------------------------
 class BlockSpec(NamedTuple):
@@ -261,8 +335,10 @@ class BlockSpec(NamedTuple):
     q_stride: int
     kv_stride: int
     window_size: int  # window side before pooling; 0 for global attention
-    rel_pos_rows: int  # rows of the relative-position tables, sized from the 224 grid
+    rel_pos_rows: int  # rows of the relative-position tables, sized from the 224 grid; 0 for none
     widen_in_attention: bool
+    pool_q: bool  # q pooled (and normalised) in this block
+    residual_pooling: bool
 
 
 def mvit_block_specs(arch: Mapping[str, Any], window_size: int = 56,
@@ -279,11 +355,15 @@ def mvit_block_specs(arch: Mapping[str, Any], window_size: int = 56,
     - relative-position tables of ``2 * max(grid // q_stride, grid // kv_stride) - 1`` rows
       for the block's grid at a 224 input (111, 55, 27, 13 rows in the released models);
     - the width changes in the first block of a stage's attention, or (``dim_mul_in_attention``
-      False, MViTv2-L IN-1k) in the last block of the previous stage's MLP; heads change with
-      the stage either way.
+      False, MViTv2-L IN-1k and MViT v1) in the last block of the previous stage's MLP; heads
+      change with the stage either way;
+    - the design switches, from the arch: ``pool_q_every_block`` (MViTv2; v1 pools q only in
+      the q-stride blocks), ``rel_pos`` (MViTv2's tables; v1 has none) and ``residual_pooling``.
     """
     dims, depths, heads = arch['embed_dims'], arch['depths'], arch['num_heads']
     in_attention = arch.get('dim_mul_in_attention', True)
+    pool_q_everywhere, rel_pos = arch.get('pool_q_every_block', True), arch.get('rel_pos', True)
+    residual_pooling = arch.get('residual_pooling', True)
     kv_stride, window, grid = ADAPTIVE_KV_STRIDE, window_size, PRETRAIN_GRID
     specs = []
     for stage, depth in enumerate(depths):
@@ -302,14 +382,39 @@ def mvit_block_specs(arch: Mapping[str, Any], window_size: int = 56,
                 block_out = dims[stage + 1] if last and stage < len(depths) - 1 else dims[stage]
             specs.append(BlockSpec(
                 stage, block_dims, block_out, heads[stage], q_stride, block_kv, 0 if is_global else window,
-                2 * max(grid // q_stride, grid // block_kv) - 1, in_attention))
+                2 * max(grid // q_stride, grid // block_kv) - 1 if rel_pos else 0, in_attention,
+                pool_q_everywhere or q_stride > 1, residual_pooling))
             if first:
                 window //= 2
                 grid //= 2
     return specs
 
 
-# -- backbone --------------------------------------------------------------------------------
+def block_of(spec: BlockSpec, mlp_ratio: float, drop_path: float) -> MultiScaleBlock:
+    """The block a spec describes."""
+    return MultiScaleBlock(spec.dims, spec.out_dims, spec.num_heads, spec.q_stride, spec.kv_stride,
+                           spec.window_size, spec.rel_pos_rows, spec.widen_in_attention, mlp_ratio, drop_path,
+                           spec.pool_q, spec.residual_pooling)
+
+
+# -- backbones -------------------------------------------------------------------------------
+def _check_stage_lists(family: str, settings: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """``settings`` with its per-stage lists as tuples; raises ValueError unless each of ``keys``
+    is one positive int per stage and the heads divide the widths."""
+    for key in keys:
+        value = settings[key]
+        if not (isinstance(value, Sequence) and len(value) == NUM_STAGES
+                and all(isinstance(v, int) and v > 0 for v in value)):
+            raise ValueError(f'{family}: arch {key} must be {NUM_STAGES} positive integers, one per stage; '
+                             f'got {value!r}')
+        settings[key] = tuple(value)
+    bad = [s for s, (d, h) in enumerate(zip(settings['embed_dims'], settings['num_heads'])) if d % h]
+    if bad:
+        raise ValueError(f'{family}: num_heads must divide embed_dims in every stage; stage(s) {bad} of '
+                         f'embed_dims={settings["embed_dims"]}, num_heads={settings["num_heads"]} do not')
+    return settings
+
+
 def _out_norm_name(level: int) -> str:
     """detectron2's name of the output norm of level ``level`` (scale2_norm for stride 4)."""
     return f'scale{level + 2}_norm'
@@ -388,10 +493,7 @@ class MViTv2(DenseBackbone):
                                       padding=3)
         rates = self.drop_path_rates(self.default(drop_path_rate, 'drop_path_rate'), len(self.block_specs))
         self.blocks = nn.ModuleList(
-            MultiScaleBlock(spec.dims, spec.out_dims, spec.num_heads, spec.q_stride, spec.kv_stride,
-                            spec.window_size, spec.rel_pos_rows, spec.widen_in_attention,
-                            settings['mlp_ratio'], rate)
-            for spec, rate in zip(self.block_specs, rates))
+            block_of(spec, settings['mlp_ratio'], rate) for spec, rate in zip(self.block_specs, rates))
         # The index of each stage's last block: where its level is taken.
         self.stage_ends = tuple(int(i) - 1 for i in np.cumsum(settings['depths']))
         for level in self.out_indices:
@@ -403,18 +505,7 @@ class MViTv2(DenseBackbone):
 
     # -- the family's part of the base ------------------------------------------------------
     def _complete_arch(self, settings: dict[str, Any]) -> dict[str, Any]:
-        for key in self.required_arch_keys:
-            value = settings[key]
-            if not (isinstance(value, Sequence) and len(value) == NUM_STAGES
-                    and all(isinstance(v, int) and v > 0 for v in value)):
-                raise ValueError(f'MViTv2: arch {key} must be {NUM_STAGES} positive integers, one per stage; '
-                                 f'got {value!r}')
-            settings[key] = tuple(value)
-        bad = [s for s, (d, h) in enumerate(zip(settings['embed_dims'], settings['num_heads'])) if d % h]
-        if bad:
-            raise ValueError(f'MViTv2: num_heads must divide embed_dims in every stage; stage(s) {bad} of '
-                             f'embed_dims={settings["embed_dims"]}, num_heads={settings["num_heads"]} do not')
-        return {**MVIT_DEFAULTS, **settings}
+        return _check_stage_lists('MViTv2', {**MVIT_DEFAULTS, **settings}, self.required_arch_keys)
 
     def frozen_modules(self, num_stages: int) -> list[nn.Module]:
         """The patch embedding and the blocks of the first ``num_stages`` stages (none for 0)."""
@@ -459,6 +550,155 @@ class MViTv2(DenseBackbone):
         return tuple(outs)
 
 
+@register_model
+class MViTv1(DenseBackbone):
+    """The original Multiscale Vision Transformer (MViT v1) as a backbone: maps at strides 4,
+    8, 16, 32.
+
+    Paper: "Multiscale Vision Transformers" (Fan, Xiong, Mangalam, Li, Yan, Malik,
+    Feichtenhofer; ICCV 2021); the modules are PySlowFast's 2-D ImageNet model: the 7x7/4
+    stem, a class token and an absolute position embedding, k and v pooled in every block
+    (strides 4/2/1/1), q pooled only in the first block of stages 2-4 (whose skip path is
+    max-pooled), the width growing in the MLP of each stage's last block (its shortcut a
+    Linear on ``norm2``'s output), no relative positions, no residual pooling, LayerNorm eps
+    1e-6 and the final norm. The blocks are MViTv2's (:class:`MultiScaleBlock`), run on a
+    token sequence led by the class token; the two designs differ by the data in the arch
+    tables.
+
+    Level ``s`` is the output of stage ``s``'s last block, class token dropped. Since v1
+    widens in that block's MLP, a stage's map already has the *next* stage's width: 192, 384,
+    768, 768 channels for B-16, as the released weights define them (not 96/192/384/768;
+    timm's ``expand_attn=False`` MViTs report the same). Level 3 goes through the release's
+    final norm, as PySlowFast's own detection path does; levels 0-2 through new LayerNorms
+    (eps 1e-6) that the detection design adds (detectron2's ``scale{2,3,4}_norm``), applied to
+    a copy.
+
+    Any input of at least 32x32 runs, non-square and not a multiple of 32 included: the
+    position table, learned for the ``pretrain_img_size`` grid, is resized to the input's
+    ``ceil(H / 4) x ceil(W / 4)`` grid (bicubic, ``align_corners=False``, the class row
+    kept), and each pooling maps ``n`` tokens to ``ceil(n / stride)`` as the official padding
+    does. The official code runs only at its training crop. Attention is global and fused
+    (no ``Nq x Nk`` matrix is held, also at 800x1344).
+
+    Args:
+        arch: ``b16``, ``b24``, ``b24_wide`` (pre-trained at 320), or a dict with per-stage
+            ``embed_dims`` (the width inside each stage), ``depths``, ``num_heads`` and
+            optionally what ``MVIT_V1_DEFAULTS`` holds.
+        in_channels: channels of the input image.
+        out_indices: levels to return, 0-based (strides 4, 8, 16, 32); the blocks after the
+            deepest one do not run and only its norms are built.
+        drop_path_rate: stochastic depth of the last block, growing linearly from 0; None
+            takes the variant's (the paper's ImageNet values: 0.1 for B-16, 0.3 for B-24).
+        pretrain_img_size: the square input the position table was learned for; None takes
+            the variant's (224; 320 for ``b24_wide``).
+        frozen_stages: 0 or -1 freeze nothing; ``k`` in 1..4 freezes the embeddings (stem,
+            class token, position table) and the blocks of the first ``k`` stages.
+        norm_eval, with_cp, check_finite, init_cfg: see ``DenseBackbone``. ``with_cp``
+            recomputes each block in the backward pass.
+    """
+
+    required_arch_keys = ('embed_dims', 'depths', 'num_heads')
+    level_strides = (4, 8, 16, 32)
+    # A classification checkpoint has none of the output norms the detection design adds.
+    optional_groups = {'output norms': tuple(f'{_out_norm_name(level)}.' for level in range(NUM_STAGES - 1))}
+    unbuilt_parts = 'output norms'
+
+    def __init__(self, arch: str | Mapping[str, Any] = 'b16', in_channels: int = 3,
+                 out_indices: int | Sequence[int] = (0, 1, 2, 3), drop_path_rate: float | None = None,
+                 pretrain_img_size: int | None = None, frozen_stages: int = -1, norm_eval: bool = False,
+                 with_cp: bool = False, check_finite: bool = True,
+                 init_cfg: Mapping[str, Any] | None = None) -> None:
+        super().__init__(arch, in_channels=in_channels, out_indices=out_indices, frozen_stages=frozen_stages,
+                         norm_eval=norm_eval, with_cp=with_cp, check_finite=check_finite, init_cfg=init_cfg)
+        settings = self.arch_settings
+        img_size = self.default(pretrain_img_size, 'pretrain_img_size')
+        if not isinstance(img_size, int) or img_size < self.min_input_size:
+            raise ValueError(f'MViTv1: pretrain_img_size must be an int of at least {self.min_input_size} '
+                             f'(a square input), got {img_size!r}')
+        self.pos_grid = (-(-img_size // 4),) * 2  # the stem's ceil(S / 4)
+        self.block_specs = mvit_block_specs(settings, window_size=0, global_kv_stride_x2=False)
+        dims = settings['embed_dims'][0]
+        self.patch_embed = PatchEmbed(in_channels, dims, kernel_size=7, stride=4, padding=3)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dims))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.pos_grid[0] * self.pos_grid[1], dims))
+        rates = self.drop_path_rates(self.default(drop_path_rate, 'drop_path_rate'), len(self.block_specs))
+        self.blocks = nn.ModuleList(
+            block_of(spec, settings['mlp_ratio'], rate) for spec, rate in zip(self.block_specs, rates))
+        self.stage_ends = tuple(int(i) - 1 for i in np.cumsum(settings['depths']))
+        self.level_channels = tuple(self.block_specs[end].out_dims for end in self.stage_ends)
+        for level in self.out_indices:
+            norm = nn.LayerNorm(self.level_channels[level], eps=NORM_EPS)
+            self.add_module(self._level_norm_name(level), norm)
+
+        self.apply(init_linear_and_norm)
+        nn.init.trunc_normal_(self.pos_embed, std=.02)
+        nn.init.trunc_normal_(self.cls_token, std=.02)
+        self.freeze_stages()
+
+    @staticmethod
+    def _level_norm_name(level: int) -> str:
+        """The release's final ``norm`` for the last level, a detection output norm otherwise."""
+        return 'norm' if level == NUM_STAGES - 1 else _out_norm_name(level)
+
+    # -- the family's part of the base ------------------------------------------------------
+    def _complete_arch(self, settings: dict[str, Any]) -> dict[str, Any]:
+        return _check_stage_lists('MViTv1', {**MVIT_V1_DEFAULTS, **settings}, self.required_arch_keys)
+
+    def frozen_modules(self, num_stages: int) -> list[nn.Module]:
+        """The embeddings (stem, class token and position table, the last two as a
+        ParameterList that views them) and the blocks of the first ``num_stages`` stages."""
+        if num_stages <= 0:
+            return []
+        return [self.patch_embed, nn.ParameterList([self.cls_token, self.pos_embed]),
+                *self.blocks[:self.stage_ends[num_stages - 1] + 1]]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def layer_id(self, name: str) -> int:
+        """0 for the embeddings, ``i + 1`` for block ``i``; a level's norm counts with the last
+        block of its stage, the block it normalises."""
+        if name in ('cls_token', 'pos_embed') or name.startswith('patch_embed.'):
+            return 0
+        if (m := re.match(r'blocks\.(\d+)\.', name)) and int(m[1]) < len(self.blocks):
+            return int(m[1]) + 1
+        for level in self.out_indices:
+            if name.startswith(self._level_norm_name(level) + '.'):
+                return self.stage_ends[level] + 1
+        raise ValueError(f'MViTv1.layer_id: {name!r} is no parameter of the backbone')
+
+    def position_grids(self) -> dict[str, tuple[int, HW, str]]:
+        return {'pos_embed': (1, self.pos_grid, 'bicubic')}
+
+    def unbuilt_prefixes(self) -> tuple[str, ...]:
+        """The norms of levels outside ``out_indices`` (the final norm of a classification file too)."""
+        return tuple(f'{self._level_norm_name(level)}.' for level in range(self.num_levels)
+                     if level not in self.out_indices)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Returns the maps of ``out_indices``: ``(B, out_channels[k], ceil(H / s_k), ceil(W / s_k))``."""
+        self.check_input(x)
+        x = self.patch_embed(x)
+        hw = tuple(x.shape[1:3])
+        grid = abs_pos_embed_to_grid(self.pos_embed, hw)  # resized when hw is not the table's grid
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, (x + grid).flatten(1, 2)], dim=1)
+        recompute = self.recompute
+        levels = {end: level for level, end in enumerate(self.stage_ends) if level in self.out_indices}
+        outs = []
+        for i, block in enumerate(self.blocks[:max(levels) + 1]):
+            if recompute:
+                x, hw = checkpoint(block.forward_tokens, x, hw, use_reentrant=False)
+            else:
+                x, hw = block.forward_tokens(x, hw)
+            if i in levels:
+                norm = getattr(self, self._level_norm_name(levels[i]))
+                outs.append(norm(x[:, 1:]).unflatten(1, hw).permute(0, 3, 1, 2))
+        return tuple(outs)
+
+
 # -- checkpoint conversion -------------------------------------------------------------------
 # mmpvt's layout is detectron2's without its ``backbone.bottom_up.`` prefix, which is the
 # official release's plus the output norms: patch_embed.proj, blocks.{i}.{norm1, attn.{qkv,
@@ -500,9 +740,10 @@ class MViTv2CheckpointFormat(CheckpointFormat):
 
     def _detect(self, inside: Mapping[str, Any], outside: Mapping[str, Any]) -> str:
         keys = list(inside)
-        if not any(_POOLING_KEY.search(k) for k in keys):
+        if not any(_POOLING_KEY.search(k) for k in keys) or _is_mvit_v1(keys):
             raise ValueError('not an MViTv2 state dict in any known layout (official .pyth, timm mvitv2_*, '
-                             f'detectron2 MViT, mmpretrain MViT, mmpvt); first keys: {keys[:5]}')
+                             f'detectron2 MViT, mmpretrain MViT, mmpvt)'
+                             f'{_V1_HINT if _is_mvit_v1(keys) else ""}; first keys: {keys[:5]}')
         if any(k.startswith(_DETECTRON2_TRUNK) for k in keys):
             return 'detectron2'
         if any(_TIMM_BLOCK.match(k) for k in keys):
@@ -535,6 +776,85 @@ class MViTv2CheckpointFormat(CheckpointFormat):
         return out
 
 
+# MViT v1's marks: an absolute position table beside pooling keys, and no relative positions
+# (MViTv2 has tables in every block and no absolute table in its ImageNet-1k releases).
+_REL_POS_KEY = re.compile(r'(^|\.)attn\.rel_pos_[hw]$')
+_V1_POSITION_KEYS = ('pos_embed', 'cls_positional_encoding.pos_embed_spatial')
+_V1_HINT = (' (an MViT v1 state dict: an absolute position table and no relative positions; '
+            'load it with MViTv1)')
+
+
+def _is_mvit_v1(keys: Sequence[str]) -> bool:
+    return (any(k in _V1_POSITION_KEYS for k in keys) and any(_POOLING_KEY.search(k) for k in keys)
+            and not any(_REL_POS_KEY.search(k) for k in keys))
+
+
+# PyTorchVideo's names for what PySlowFast and mmpvt call otherwise (its hub file mvit_base_16).
+_PYTORCHVIDEO_RENAMES = (('patch_embed.patch_model.', 'patch_embed.proj.'), ('norm_embed.', 'norm.'),
+                         ('cls_positional_encoding.cls_token', 'cls_token'))
+_SEPARATE_QKV = re.compile(r'^(blocks\.\d+\.attn\.)([qkv])\.(weight|bias)$')
+
+
+class MViTv1CheckpointFormat(CheckpointFormat):
+    """MViT v1 checkpoints: PySlowFast's (``.pyth``: ``model_state``; a fused ``attn.qkv``, as the
+    released ImageNet B-16 file has it, or ``attn.q/k/v`` as later PySlowFast code writes;
+    pooling weights 5-D ``(C, 1, 1, 3, 3)`` or 4-D), PyTorchVideo's (its hub ``mvit_base_16``:
+    ``patch_embed.patch_model``, ``cls_positional_encoding`` with separate spatial, temporal
+    and class tables, folded into one, ``norm_embed``) and mmpvt's own, also whole detectors.
+    Dropped: the classification head. An MViTv2 state dict (relative-position tables, no
+    absolute table) is refused, naming what it lacks.
+    """
+
+    family = 'mvit_v1'
+    wrappers = ('model_state', 'state_dict', 'model', 'module')
+
+    def _detect(self, inside: Mapping[str, Any], outside: Mapping[str, Any]) -> str:
+        keys = list(inside)
+        if not any(_POOLING_KEY.search(k) for k in keys):
+            raise ValueError('not an MViT v1 state dict in any known layout (PySlowFast .pyth, PyTorchVideo, '
+                             f'mmpvt); first keys: {keys[:5]}')
+        if not _is_mvit_v1(keys):
+            v2 = (' and has relative-position tables (attn.rel_pos_h/w): an MViTv2 state dict, which MViTv2 '
+                  'loads') if any(_REL_POS_KEY.search(k) for k in keys) else ''
+            raise ValueError('not an MViT v1 state dict in any known layout: it has no absolute position '
+                             f'table (pos_embed){v2}')
+        if 'cls_positional_encoding.pos_embed_spatial' in keys:
+            return 'pytorchvideo'
+        if any(_OUT_NORM_KEY.match(k) for k in keys):
+            return 'mmpvt'
+        return 'official'
+
+    def _drops(self, key: str, layout: str) -> bool:
+        return key.startswith('head.')
+
+    def _convert(self, state: dict[str, Any], layout: str) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        if layout == 'pytorchvideo':
+            table = 'cls_positional_encoding.'
+            spatial = state.pop(table + 'pos_embed_spatial')
+            temporal = state.pop(table + 'pos_embed_temporal', None)
+            front = state.pop(table + 'pos_embed_class')
+            if temporal is not None:  # one frame: its temporal row is added to every position
+                spatial = spatial + temporal[:, :1]
+            out['pos_embed'] = torch.cat([front, spatial], dim=1)
+        separate: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in state.items():
+            for old, new in _PYTORCHVIDEO_RENAMES if layout == 'pytorchvideo' else ():
+                if key.startswith(old):
+                    key = new + key[len(old):]
+            if (m := _SEPARATE_QKV.match(key)):
+                separate.setdefault(f'{m[1]}qkv.{m[3]}', {})[m[2]] = value
+                continue
+            if value.dim() == 5 and value.shape[2] == 1:  # Conv3d with one frame: (C, 1, 1, k, k)
+                value = value.squeeze(2)
+            out[key] = value
+        for key, parts in separate.items():
+            if set(parts) != {'q', 'k', 'v'}:
+                raise ValueError(f'{key}: the checkpoint has only {sorted(parts)} of attn.q/k/v')
+            out[key] = torch.cat([parts['q'], parts['k'], parts['v']])
+        return out
+
+
 # -- variants --------------------------------------------------------------------------------
 # What every variant (and an arch dict) has unless it says otherwise: detectron2's windows
 # (56 tokens in stage 1) and the T / S stochastic depth of its COCO configs.
@@ -560,3 +880,27 @@ MVIT_ARCHS: dict[str, dict[str, Any]] = {
 
 MViTv2.arch_zoo = MVIT_ARCHS
 MViTv2.checkpoint_format = MViTv2CheckpointFormat()
+
+# MViT v1: the design switches off what MViTv2 added, the width grows in the MLP, and the
+# position table is learned at 224 (B-16, B-24) or 320 (B-24-wide). drop_path_rate: the
+# paper's ImageNet values (0.1 for B-16, 0.3 for the deeper models, its section D.5).
+MVIT_V1_DEFAULTS: dict[str, Any] = dict(mlp_ratio=4., dim_mul_in_attention=False, pool_q_every_block=False,
+                                        rel_pos=False, residual_pooling=False, drop_path_rate=0.1,
+                                        pretrain_img_size=224)
+_B = dict(embed_dims=(96, 192, 384, 768), num_heads=(1, 2, 4, 8))
+# B-16's ImageNet-1k weights: PyTorchVideo's hub file (``pretrained``, what the configs load: a
+# direct download) and the file of PySlowFast's model zoo (``release_page``, a Google Drive page
+# to download by hand; the loader reads both). No B-24 or B-24-wide weights were released.
+MVIT_V1_ARCHS: dict[str, dict[str, Any]] = {
+    'b16': dict(_B, depths=(1, 2, 11, 2),
+                pretrained='https://dl.fbaipublicfiles.com/pytorchvideo/model_zoo/imagenet/MVIT_B_16_f292487636.pyth',
+                release_page='https://drive.google.com/file/d/1dYYqUB-3DSgBVc9d6o-rW8ojtVsrFLgp/view'),
+    # B-24's layout is written nowhere; (2, 3, 16, 3) reproduces the paper's parameters and FLOPs.
+    'b24': dict(_B, depths=(2, 3, 16, 3), drop_path_rate=0.3),
+    # "wide": D = 112; its head count is stated nowhere, 1 in stage 1 as in B-16 and B-24.
+    'b24_wide': dict(embed_dims=(112, 224, 448, 896), num_heads=(1, 2, 4, 8), depths=(2, 3, 16, 3),
+                     drop_path_rate=0.3, pretrain_img_size=320),
+}
+
+MViTv1.arch_zoo = MVIT_V1_ARCHS
+MViTv1.checkpoint_format = MViTv1CheckpointFormat()

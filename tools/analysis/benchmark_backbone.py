@@ -4,6 +4,7 @@
     python tools/analysis/benchmark_backbone.py --arch vitdet_base --shape 1 3 1024 1024 --dtype fp32 bf16
     python tools/analysis/benchmark_backbone.py --arch t2t_14 --shape 1 3 224 224
     python tools/analysis/benchmark_backbone.py --arch mvit_tiny --shape 1 3 800 1344 --dtype fp32 bf16
+    python tools/analysis/benchmark_backbone.py --arch mvitv1_b16 --shape 1 3 224 224 --repeat 20
     python tools/analysis/benchmark_backbone.py --arch b2 --shape 2 3 512 512 --mode train --memory
     python tools/analysis/benchmark_backbone.py --arch b2 --shape 1 3 800 1333 --detector
     python tools/analysis/benchmark_backbone.py --arch b2 --shape 2 3 512 512 --mode train \
@@ -25,7 +26,9 @@ time MViTv2's four maps against ``detectron2-style``, detectron2's windowed bloc
 plainly in ``peers/mvit_detectron2.py`` (explicit attention matrices, the same block plan),
 and, with ``--mvit-layout classification`` (windows off, no doubled kv stride in the global
 blocks: the classification model's arithmetic, which all rows then compute), against timm's
-``MultiScaleVit`` as ``features_only`` (``mvitv2_tiny``'s settings for tiny). timm's model
+``MultiScaleVit`` as ``features_only`` (``mvitv2_tiny``'s settings for tiny). ``mvitv1_<variant>``
+archs time MViT v1's four maps against ``torchvision``: torchvision's generic ``MViT``
+configured as the 2-D v1 model (its trunk up to the final norm), built for the input's size. timm's model
 is built for one input size (its relative-position tables are sized from it and never
 resized), so its row is built with ``img_size`` equal to the input's and only for what it can
 run: one square size, a multiple of 32, in the classification layout; otherwise, and for
@@ -72,6 +75,8 @@ ARCHS += [T2T + name for name in MODELS.get('T2TViT').arch_zoo]
 T2T_IMG_SIZE = 224  # both T2T rows' position tables: the pre-training grid, resized to the input's
 MVIT = 'mvit_'  # --arch mvit_tiny: MViTv2's variants, prefixed
 ARCHS += [MVIT + name for name in MODELS.get('MViTv2').arch_zoo]
+MVIT_V1 = 'mvitv1_'  # --arch mvitv1_b16: MViT v1's variants, prefixed
+ARCHS += [MVIT_V1 + name for name in MODELS.get('MViTv1').arch_zoo]
 MVIT_LAYOUTS = ('detection', 'classification')
 # The rows that run MViTv2: their builders also take the layout and the input sizes.
 MVIT_ROWS = ('mmpvt', 'timm', 'detectron2-style')
@@ -110,7 +115,9 @@ def build_mmpvt(arch: str, with_cp: bool, *, classification: bool = False,
                 sizes: tuple[tuple[int, int], ...] = ()) -> torch.nn.Module:
     """mmpvt's backbone; for MViTv2 in ``classification`` layout or not (``sizes``, the
     input sizes, only matter to timm's MViTv2)."""
-    from mmpvt.models import PVT, MViTv2, PVTv2, ViTDet
+    from mmpvt.models import PVT, MViTv1, MViTv2, PVTv2, ViTDet
+    if arch.startswith(MVIT_V1):  # the four maps, class token dropped
+        return MViTv1(arch=arch[len(MVIT_V1):], drop_path_rate=0., with_cp=with_cp)
     if arch.startswith(MVIT):  # all four maps, as the detectron2-style peer returns them
         return MViTv2(arch=arch[len(MVIT):], drop_path_rate=0., with_cp=with_cp,
                       **mvit_layout(classification))
@@ -127,8 +134,8 @@ def build_mmpvt(arch: str, with_cp: bool, *, classification: bool = False,
 def build_mmdet(arch: str, with_cp: bool) -> torch.nn.Module | None:
     if arch.startswith(T2T):
         return None  # mmdet has no T2T-ViT
-    if arch.startswith(MVIT):
-        return None  # mmdet has no MViTv2
+    if arch.startswith((MVIT, MVIT_V1)):
+        return None  # mmdet has no MViT
     if arch.startswith(VITDET):
         return None  # mmdet's ViTDet is a project, not part of the package
     from mmdet.models.backbones.pvt import PyramidVisionTransformer, PyramidVisionTransformerV2
@@ -151,8 +158,8 @@ def build_timm(arch: str, with_cp: bool, *, classification: bool = False,
     tables from ``img_size`` and never resizes them, and its stage grids assume that every
     stride divides the input.
     """
-    if arch.startswith(T2T):
-        return None  # timm has no T2T-ViT
+    if arch.startswith((T2T, MVIT_V1)):
+        return None  # timm has no T2T-ViT, and its MultiScaleVit pools q in every block (not v1)
     if arch.startswith(MVIT):
         if not classification or len(set(sizes)) != 1:
             return None
@@ -228,6 +235,50 @@ def build_detectron2_style(arch: str, with_cp: bool, *, classification: bool = F
     return peer.MViTDetectron2Style(arch[len(MVIT):], with_cp=with_cp, **mvit_layout(classification))
 
 
+class TorchvisionMViTTrunk(torch.nn.Module):
+    """torchvision's generic video ``MViT`` configured as the 2-D MViT v1 image model of an
+    mmpvt arch (one frame; q pooled in the q-stride blocks only; no residual pooling, no
+    relative positions; the width growing in the MLP), run up to its final norm: the trunk
+    that PySlowFast's own model computes, bit for bit (tests/test_mvit_v1.py checks the
+    equality with mmpvt's). Built for one input size: its position table is never resized.
+    Returns the last token sequence (the class token and the stride-32 grid)."""
+
+    def __init__(self, variant: str, hw: tuple[int, int]) -> None:
+        super().__init__()
+        from torchvision.models.video.mvit import MSBlockConfig, MViT
+        with torch.device('meta'):
+            specs = MODELS.get('MViTv1')(arch=variant).block_specs
+        blocks = [MSBlockConfig(num_heads=s.num_heads, input_channels=s.dims, output_channels=s.out_dims,
+                                kernel_q=[1, 3, 3] if s.q_stride > 1 else [1, 1, 1], kernel_kv=[1, 3, 3],
+                                stride_q=[1, s.q_stride, s.q_stride], stride_kv=[1, s.kv_stride, s.kv_stride])
+                  for s in specs]
+        self.model = MViT(spatial_size=hw, temporal_size=1, block_setting=blocks, residual_pool=False,
+                          residual_with_cls_embed=False, rel_pos_embed=False, proj_after_attn=False,
+                          dropout=0.0, num_classes=1, patch_embed_kernel=(1, 7, 7),
+                          patch_embed_stride=(1, 4, 4), patch_embed_padding=(0, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        m = self.model
+        x = m.conv_proj(x[:, :, None]).flatten(2).transpose(1, 2)
+        x = m.pos_encoding(x)
+        thw = (1, *m.pos_encoding.spatial_size)
+        for block in m.blocks:
+            x, thw = block(x, thw)
+        return (m.norm(x),)
+
+
+def build_torchvision(arch: str, with_cp: bool, *,
+                      sizes: tuple[tuple[int, int], ...] = ()) -> torch.nn.Module | None:
+    """MViT v1's peer (:class:`TorchvisionMViTTrunk`), for one input size whose sides are
+    multiples of 4 (torchvision sizes its table as ``H // 4``); no activation checkpointing."""
+    if not arch.startswith(MVIT_V1) or with_cp or len(set(sizes)) != 1:
+        return None
+    (h, w), = set(sizes)
+    if h % 4 or w % 4:
+        return None
+    return TorchvisionMViTTrunk(arch[len(MVIT_V1):], (h, w))
+
+
 def build(name: str, args: argparse.Namespace, with_cp: bool | None = None) -> torch.nn.Module | None:
     """Implementation ``name`` for the run's arch (``with_cp`` defaults to the run's); None
     where it has no such model."""
@@ -238,6 +289,8 @@ def build(name: str, args: argparse.Namespace, with_cp: bool | None = None) -> t
         sizes = tuple(sorted({(shape[2], shape[3]) for shape in args.shape}))
         return BUILDERS[name](args.arch, with_cp, classification=args.mvit_layout == 'classification',
                               sizes=sizes)
+    if name == 'torchvision':
+        return build_torchvision(args.arch, with_cp, sizes=tuple((s[2], s[3]) for s in args.shape))
     return BUILDERS[name](args.arch, with_cp)
 
 
@@ -245,6 +298,7 @@ BUILDERS: dict[str, Callable[..., torch.nn.Module | None]] = {
     'mmpvt': build_mmpvt, 'mmdet': build_mmdet, 'timm': build_timm,
     'official': build_official,  # T2T-ViT's peer
     'detectron2-style': build_detectron2_style,  # MViTv2's peer at detection sizes
+    'torchvision': build_torchvision,  # MViT v1's peer
 }
 
 
