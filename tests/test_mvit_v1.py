@@ -390,3 +390,25 @@ def test_another_width_is_refused_naming_the_key_and_both_shapes(tmp_path):
     with pytest.raises(CheckpointError, match=r'cls_token has shape \(1, 1, 32\) in the checkpoint and '
                                               r'\(1, 1, 16\) in the model'):
         model.init_weights()
+
+
+def test_convert_checkpoint_cli_handles_mvit_v1(tmp_path, capsys):
+    """tools/convert_checkpoint.py finds the family through the registry: a PySlowFast file
+    with separate q/k/v becomes mmpvt's layout, the head listed as dropped."""
+    import importlib.util
+    from pathlib import Path
+    source = randomized(MViTv1(SMALL)).state_dict()
+    torch.save(official(source, separate_qkv=True), tmp_path / 'MVIT_B_16.pyth')
+    path = Path(__file__).resolve().parents[1] / 'tools' / 'convert_checkpoint.py'
+    spec = importlib.util.spec_from_file_location('tool', path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([str(tmp_path / 'MVIT_B_16.pyth'), str(tmp_path / 'out.pth')]) == 0
+    stdout = capsys.readouterr().out
+    assert 'mvit_v1 family, official layout' in stdout
+    assert 'dropped (not used by the backbone): head.projection.bias, head.projection.weight' in stdout
+    converted = torch.load(tmp_path / 'out.pth', weights_only=True)
+    model = MViTv1(SMALL)
+    model.load_state_dict({**model.state_dict(), **converted}, strict=True)
+    assert all(torch.equal(converted[k], source[k]) for k in converted)
+    assert not any(k.startswith('scale') for k in converted)  # a classification file's trunk only
