@@ -182,10 +182,13 @@ class PoolingAttention(nn.Module):
             if pool is None:
                 t = t.unflatten(-1, (heads, -1))
             else:
-                pooled = pool.pool_heads(t[:, 1:].unflatten(1, hw))  # (B, H', W', heads, head_dims)
+                # Split, not sliced: in training a split's backward is one concatenation, where
+                # each slice's is a zero-filled copy of the whole sequence.
+                cls, grid = t.split([1, t.shape[1] - 1], dim=1)
+                pooled = pool.pool_heads(grid.unflatten(1, hw))  # (B, H', W', heads, head_dims)
                 if pool is self.pool_q:
                     out_hw = tuple(pooled.shape[1:3])
-                t = norm(torch.cat([t[:, :1].unflatten(-1, (heads, -1)), pooled.flatten(1, 2)], dim=1))
+                t = norm(torch.cat([cls.unflatten(-1, (heads, -1)), pooled.flatten(1, 2)], dim=1))
             parts.append(t.transpose(1, 2))  # (B, heads, tokens, head_dims)
         out = F.scaled_dot_product_attention(*parts)
         return self.proj(out.transpose(1, 2).flatten(2)), out_hw
@@ -317,8 +320,8 @@ class MultiScaleBlock(nn.Module):
         if self.proj is not None and self.widen_in_attention:
             x = self.proj(x_norm)
         if self.q_stride > 1:
-            grid = max_pool_tokens(x[:, 1:].unflatten(1, hw), self.q_stride)
-            x = torch.cat([x[:, :1], grid.flatten(1, 2)], dim=1)
+            cls, grid = x.split([1, x.shape[1] - 1], dim=1)
+            x = torch.cat([cls, max_pool_tokens(grid.unflatten(1, hw), self.q_stride).flatten(1, 2)], dim=1)
         x = x + self.drop_path(attended)
         x_norm = self.norm2(x)
         shortcut = self.proj(x_norm) if self.proj is not None and not self.widen_in_attention else x
