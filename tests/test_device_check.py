@@ -146,7 +146,7 @@ def test_every_planned_harness_run_is_one_the_harness_accepts(harness, monkeypat
     assert len(vit) == 2 and all(args.shape == [[1, 3, 1024, 1024]] for args in vit)
     # every family of the registry has a run
     families = {'small': 'PVT', 'b2': 'PVTv2', 'vitdet_base': 'ViTDet', 'mvit_tiny': 'MViTv2',
-                't2t_14': 'T2TViT'}
+                'mvitv1_b16': 'MViTv1', 't2t_14': 'T2TViT'}
     from test_backbone_contract import registered_backbones
     assert {families[args.arch] for args in parsed.values()} == {c.__name__ for c in registered_backbones()}
 

@@ -234,6 +234,8 @@ def plan(layout: Layout, repeat: int = 20, warmup: int = 5) -> list[Step]:
              (HARNESS, '--arch', 'mvit_tiny', *large, *timing), 90),
         Step('MViTv2-T training step', 'forward + backward at 2x3x512x512, fp32, peak memory; mmpvt, '
              'detectron2-style blocks', (HARNESS, '--arch', 'mvit_tiny', *train, *timing), 120),
+        Step('MViT-B-16 (v1) inference', 'fp32 and fp16 autocast at 1x3x800x1344; mmpvt, torchvision\'s '
+             'MViT as the 2-D v1 model', (HARNESS, '--arch', 'mvitv1_b16', *large, *timing), 90),
         Step('T2T-ViT-14 inference', 'fp32 and fp16 autocast at 1x3x800x1344; mmpvt, the authors\' modules',
              (HARNESS, '--arch', 't2t_14', *large, *timing), 90),
     ]
