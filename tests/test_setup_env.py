@@ -408,3 +408,17 @@ def test_offline_setup_from_a_wheelhouse_reuses_the_machines_torch(tmp_path):
     (broken / 'wheelhouse.json').write_text(json.dumps({**manifest, 'python_version': '3.99'}))
     failed = subprocess.run(setup, capture_output=True, text=True, env=other)
     assert 'was made for Python 3.99, this interpreter is 3.' in failed.stderr and failed.returncode == 1
+
+
+def test_toolkit_root_sees_through_an_nvcc_wrapper(tmp_path):
+    """A wrapper script on PATH (``exec /usr/local/cuda-13.0/bin/nvcc "$@"``) is not the
+    toolkit: CUDA_HOME must be the root nvcc reports, whose include directory the C++ files
+    need. An nvcc inside its toolkit is taken as is."""
+    toolkit = tmp_path / 'cuda-13.0'
+    (toolkit / 'include').mkdir(parents=True)
+    (toolkit / 'include' / 'cuda_runtime_api.h').write_text('')
+    real = fake_nvcc(toolkit / 'bin', '13.0')
+    wrapper = fake_nvcc(tmp_path / 'usr' / 'bin', '13.0')
+    wrapper.write_text(f'#!/bin/sh\necho "#$ TOP={toolkit}/bin/.." >&2\n')
+    assert setup_env.toolkit_root(str(real)) == toolkit
+    assert setup_env.toolkit_root(str(wrapper)) == toolkit.resolve()

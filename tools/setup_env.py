@@ -212,13 +212,34 @@ def find_nvcc(env: dict) -> Nvcc | None:
     return Nvcc(path, found[1]) if done.returncode == 0 and found else None
 
 
+def toolkit_root(nvcc_path: str) -> Path:
+    """The root of the CUDA toolkit an nvcc belongs to: the directory above its own, unless that
+    nvcc is a wrapper elsewhere (a script in /usr/local/bin that execs the toolkit's nvcc, as on
+    this project's build machines), then the root nvcc itself reports (``TOP`` in ``nvcc
+    --dryrun``). torch's extension builder takes CUDA_HOME's include directory for the C++
+    files that include CUDA's headers: /usr/local's fails with "crt/host_defines.h: No such
+    file or directory"."""
+    root = Path(nvcc_path).resolve().parents[1]
+    if (root / 'include' / 'cuda_runtime_api.h').is_file():
+        return root
+    try:
+        done = subprocess.run([nvcc_path, '--dryrun', '-x', 'cu', '-c', os.devnull, '-o', os.devnull],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return root
+    for line in (done.stdout + done.stderr).splitlines():
+        if line.startswith('#$ TOP='):
+            return Path(line.split('=', 1)[1].strip().strip('"')).resolve()
+    return root
+
+
 def cuda_include_path(nvcc: Nvcc, torch_dir: str | None) -> str | None:
     """Where the cuBLAS/cuSPARSE/cuSOLVER headers torch's ATen includes lie, when the
     toolkit's include directory lacks them (a toolkit installed without its math libraries'
     headers; torch's pip packages carry them): the directory for CUDA_INC_PATH, which torch's
     extension builder adds to the include path, or None when the toolkit has them."""
     headers = ('cusparse.h', 'cublas_v2.h', 'cusolverDn.h')
-    toolkit = Path(nvcc.path).resolve().parents[1] / 'include'
+    toolkit = toolkit_root(nvcc.path) / 'include'
     if all((toolkit / h).is_file() for h in headers):
         return None
     if torch_dir:
@@ -491,7 +512,7 @@ def build_mmcv(plan: Plan) -> Path:
     env = {**os.environ, 'MMCV_WITH_OPS': '1', 'MAX_JOBS': str(jobs), 'FORCE_CUDA': str(int(plan.cuda.build))}
     if plan.cuda.build:
         env.update(TORCH_CUDA_ARCH_LIST=plan.cuda.arch,
-                   CUDA_HOME=str(Path(plan.nvcc.path).resolve().parents[1]))
+                   CUDA_HOME=str(toolkit_root(plan.nvcc.path)))
         include = cuda_include_path(plan.nvcc, plan.torch_dir)
         if include:
             env['CUDA_INC_PATH'] = include
