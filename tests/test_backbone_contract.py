@@ -31,8 +31,11 @@ SMALL_ARCHS: dict[str, list[dict]] = {
     'MViTv2': [dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 2, 1), num_heads=(1, 2, 2, 4)),
                dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 2, 1), num_heads=(1, 2, 2, 4),
                     dim_mul_in_attention=False)],
-    # MViTv1: a class token and an absolute table; q pooled at stage starts, widths grow in the MLP.
-    'MViTv1': [dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 2, 1), num_heads=(1, 2, 2, 4))],
+    # MViTv1: a class token and an absolute table; q pooled at stage starts, widths grow in the
+    # MLP; and its window design (no class token, windows of 16 tokens in stage 1).
+    'MViTv1': [dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 2, 1), num_heads=(1, 2, 2, 4)),
+               dict(embed_dims=(16, 32, 48, 64), depths=(1, 2, 2, 1), num_heads=(1, 2, 2, 4),
+                    window_size=16)],
     # T2TViT: both token layers, narrow (token_dims 16) so that the 1/4-resolution layer is cheap.
     'T2TViT': [dict(embed_dims=64, depth=4, num_heads=2, mlp_ratio=2., tokens_type=tokens, token_dims=16)
                for tokens in ('performer', 'transformer')],

@@ -167,6 +167,27 @@ def test_equals_torchvision_built_at_another_size_with_the_resized_table(hw):
 
 
 # -- the paper's model, written out slowly ---------------------------------------------------
+def windowed_attention(q, k, v, q_hw, k_hw, q_win, k_win):
+    """One head's attention inside windows, one window at a time: the query at grid ``(i, j)``
+    attends to the keys of window ``(i // q_win, j // q_win)`` of the key grid, which is
+    zero-padded to whole windows (the padded keys take part in the softmax, as detectron2
+    trained them). ``q``: ``(B, q_h * q_w, d)``, ``k``, ``v``: ``(B, k_h * k_w, d)``."""
+    B, d = q.shape[0], q.shape[-1]
+    rows, cols = -(-k_hw[0] // k_win) * k_win, -(-k_hw[1] // k_win) * k_win
+    k = F.pad(k.reshape(B, *k_hw, d), (0, 0, 0, cols - k_hw[1], 0, rows - k_hw[0]))
+    v = F.pad(v.reshape(B, *k_hw, d), (0, 0, 0, cols - k_hw[1], 0, rows - k_hw[0]))
+    q = q.reshape(B, *q_hw, d)
+    out = torch.zeros_like(q)
+    for a in range(-(-q_hw[0] // q_win)):
+        for b in range(-(-q_hw[1] // q_win)):
+            qs = q[:, a * q_win:(a + 1) * q_win, b * q_win:(b + 1) * q_win]
+            ks = k[:, a * k_win:(a + 1) * k_win, b * k_win:(b + 1) * k_win].reshape(B, -1, d)
+            vs = v[:, a * k_win:(a + 1) * k_win, b * k_win:(b + 1) * k_win].reshape(B, -1, d)
+            weights = torch.softmax(qs.reshape(B, -1, d) @ ks.transpose(1, 2) / d ** 0.5, dim=-1)
+            out[:, a * q_win:(a + 1) * q_win, b * q_win:(b + 1) * q_win] = (weights @ vs).reshape(qs.shape)
+    return out.reshape(B, -1, d)
+
+
 def paper_mvit_v1(model: MViTv1, x: torch.Tensor) -> list[torch.Tensor]:
     """MViT v1 from the paper and the official modules, one head at a time with the attention
     matrix written out, on ``model``'s weights: the stage-end maps before any norm.
@@ -174,17 +195,20 @@ def paper_mvit_v1(model: MViTv1, x: torch.Tensor) -> list[torch.Tensor]:
     Tokens are ``[class token, grid row-major]``. Pooling (a 3x3 depthwise convolution with
     padding 1, the same weights for every head) runs on the grid, the class token bypasses it,
     and one LayerNorm then normalises both. The skip path of a q-pooling block is a 3x3 max
-    pool with stride 2 and padding 1 on the grid.
+    pool with stride 2 and padding 1 on the grid. The window design (``model.cls_token`` is
+    None) has no class token and attends inside windows in the blocks with a window size.
     """
+    front = 0 if model.cls_token is None else 1
+
     def ln(t, norm):
         return F.layer_norm(t, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
-    def pooled(t, hw, pool, norm, stride):  # t: (B, 1 + h*w, head_dims) of one head
+    def pooled(t, hw, pool, norm, stride):  # t: (B, front + h*w, head_dims) of one head
         if pool is None:
             return t, hw
-        grid = t[:, 1:].reshape(t.shape[0], *hw, -1).permute(0, 3, 1, 2)
+        grid = t[:, front:].reshape(t.shape[0], *hw, -1).permute(0, 3, 1, 2)
         grid = F.conv2d(grid, pool.weight, None, stride, 1, 1, grid.shape[1])
-        out = torch.cat([t[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+        out = torch.cat([t[:, :front], grid.flatten(2).transpose(1, 2)], dim=1)
         return ln(out, norm), tuple(grid.shape[2:])
 
     stem = F.conv2d(x, model.patch_embed.proj.weight, model.patch_embed.proj.bias, 4, 3)
@@ -192,7 +216,9 @@ def paper_mvit_v1(model: MViTv1, x: torch.Tensor) -> list[torch.Tensor]:
     side = model.pos_grid[0]
     table = model.pos_embed[0, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
     table = F.interpolate(table, size=hw, mode='bicubic', align_corners=False).flatten(2).transpose(1, 2)
-    tokens = torch.cat([model.cls_token + model.pos_embed[:, :1], stem.flatten(2).transpose(1, 2) + table], 1)
+    tokens = stem.flatten(2).transpose(1, 2) + table
+    if front:
+        tokens = torch.cat([model.cls_token + model.pos_embed[:, :1], tokens], 1)
     maps = []
     for i, (spec, block) in enumerate(zip(model.block_specs, model.blocks)):
         attn, heads = block.attn, spec.num_heads
@@ -203,16 +229,20 @@ def paper_mvit_v1(model: MViTv1, x: torch.Tensor) -> list[torch.Tensor]:
         for h in range(heads):
             part = slice(h * head_dims, (h + 1) * head_dims)
             q, q_hw = pooled(q_all[..., part], hw, attn.pool_q, attn.norm_q, spec.q_stride)
-            k, _ = pooled(k_all[..., part], hw, attn.pool_k, attn.norm_k, spec.kv_stride)
+            k, k_hw = pooled(k_all[..., part], hw, attn.pool_k, attn.norm_k, spec.kv_stride)
             v, _ = pooled(v_all[..., part], hw, attn.pool_v, attn.norm_v, spec.kv_stride)
-            weights = torch.softmax(q @ k.transpose(1, 2) / head_dims ** 0.5, dim=-1)
-            outs.append(weights @ v)
+            if spec.window_size:
+                outs.append(windowed_attention(q, k, v, q_hw, k_hw, spec.window_size // spec.q_stride,
+                                               spec.window_size // spec.kv_stride))
+            else:
+                weights = torch.softmax(q @ k.transpose(1, 2) / head_dims ** 0.5, dim=-1)
+                outs.append(weights @ v)
         attended = F.linear(torch.cat(outs, dim=-1), attn.proj.weight, attn.proj.bias)
         skip = tokens
         if spec.q_stride > 1:
-            grid = tokens[:, 1:].reshape(tokens.shape[0], *hw, -1).permute(0, 3, 1, 2)
+            grid = tokens[:, front:].reshape(tokens.shape[0], *hw, -1).permute(0, 3, 1, 2)
             grid = F.max_pool2d(grid, 3, 2, 1)
-            skip = torch.cat([tokens[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+            skip = torch.cat([tokens[:, :front], grid.flatten(2).transpose(1, 2)], dim=1)
         hw = q_hw
         tokens = skip + attended
         x_norm = ln(tokens, block.norm2)
@@ -221,8 +251,21 @@ def paper_mvit_v1(model: MViTv1, x: torch.Tensor) -> list[torch.Tensor]:
         shortcut = F.linear(x_norm, block.proj.weight, block.proj.bias) if block.proj is not None else tokens
         tokens = shortcut + mlp
         if i in model.stage_ends:
-            maps.append(tokens[:, 1:].reshape(tokens.shape[0], *hw, -1).permute(0, 3, 1, 2))
+            maps.append(tokens[:, front:].reshape(tokens.shape[0], *hw, -1).permute(0, 3, 1, 2))
     return maps
+
+
+def assert_equals_the_papers_model(model: MViTv1, x: torch.Tensor) -> list[torch.Tensor]:
+    """The model's outputs equal :func:`paper_mvit_v1`'s with the level norms applied."""
+    with torch.no_grad():
+        outs = model(x)
+        expected = paper_mvit_v1(model, x)
+        for level, (out, ref) in enumerate(zip(outs, expected)):
+            norm = getattr(model, model._level_norm_name(level))
+            ref = F.layer_norm(ref.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias,
+                               norm.eps)
+            assert_close(out, ref.permute(0, 3, 1, 2))
+    return outs
 
 
 @pytest.mark.slow
@@ -231,14 +274,57 @@ def test_equals_the_papers_model_at_a_size_no_other_reference_runs():
     non-square, odd grids at every level (57x75, 29x38, 15x19, 8x10)."""
     model = randomized(MViTv1('b16'))
     x = torch.randn(1, 3, 225, 300, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        outs = model(x)
-        expected = paper_mvit_v1(model, x)
+    outs = assert_equals_the_papers_model(model, x)
     assert [tuple(o.shape[2:]) for o in outs] == [(57, 75), (29, 38), (15, 19), (8, 10)]
-    for level, (out, ref) in enumerate(zip(outs, expected)):
-        norm = getattr(model, model._level_norm_name(level))
-        ref = F.layer_norm(ref.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        assert_close(out, ref.permute(0, 3, 1, 2))
+
+
+# -- the window design -----------------------------------------------------------------------
+@pytest.mark.slow
+def test_window_design_equals_the_papers_model_with_windows():
+    """B-16 with the MViTv2 paper's 56-token windows at 225x300: every level's grid (57x75,
+    29x38, 15x19, 8x10) has a partial last window, and the global blocks of stages 2 and 3
+    pool k and v twice as much."""
+    model = randomized(MViTv1('b16', window_size=56))
+    specs = model.block_specs
+    assert [s.window_size for s in specs] == [56, 56, 0, 28, *[14] * 9, 0, 14, 0]
+    assert [s.kv_stride for s in specs] == [4, 2, 4, 1, *[1] * 9, 2, 1, 1]
+    x = torch.randn(1, 3, 225, 300, generator=torch.Generator().manual_seed(5))
+    outs = assert_equals_the_papers_model(model, x)
+    assert [tuple(o.shape[1:]) for o in outs] == [(192, 57, 75), (384, 29, 38), (768, 15, 19), (768, 8, 10)]
+
+
+def test_window_design_small_arch_equals_the_papers_model():
+    """A small arch with 16-token windows on a 100x132 input (partial windows, 2x2-token windows
+    in stage 4), with and without the doubled kv stride."""
+    arch = dict(embed_dims=(16, 32, 48, 64), depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
+    x = torch.randn(1, 3, 100, 132, generator=torch.Generator().manual_seed(6))
+    for double in (True, False):
+        model = randomized(MViTv1(arch, window_size=16, global_kv_stride_x2=double))
+        assert_equals_the_papers_model(model, x)
+
+
+def test_window_design_loads_the_same_files_without_the_class_token(tmp_path, log_lines):
+    """One file serves both designs: the window design skips the class token, saying so, and
+    loads every other tensor unchanged."""
+    arch = dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+    source = randomized(MViTv1(arch))
+    path = tmp_path / 'v1.pth'
+    torch.save({'state_dict': source.state_dict()}, path)
+    windowed = MViTv1(arch, window_size=16, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    windowed.init_weights()
+    assert windowed.cls_token is None and 'cls_token' not in dict(windowed.named_parameters())
+    loaded = windowed.state_dict()
+    assert loaded.keys() == source.state_dict().keys() - {'cls_token'}
+    assert all(torch.equal(loaded[k], v) for k, v in source.state_dict().items() if k != 'cls_token')
+    assert any('skipped 1 checkpoint tensors of the class token (window design)' in line
+               for line in log_lines)
+
+
+@pytest.mark.parametrize('window_size', [-8, 12, 7.0, '56'])
+def test_window_size_must_be_a_multiple_of_8(window_size):
+    with pytest.raises(ValueError, match='window_size must be 0 .* multiple of 8'):
+        MViTv1(dict(embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4)),
+               window_size=window_size)
 
 
 def test_a_batch_of_two_at_512x768():

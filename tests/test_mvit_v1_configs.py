@@ -1,5 +1,6 @@
 """The MViT v1 configs: MViT-B-16 in the zoo's RetinaNet, Mask R-CNN (1x, AdamW with layer-wise lr
-decay) and Semantic FPN recipes; every model built, one batch per method.
+decay) and Semantic FPN recipes, and the MViTv2 paper's Mask R-CNN 3x baselines with windows;
+every model built, one batch per method.
 
 No paper publishes a v1 detector recipe: the layer decay (0.75) is the usual fine-tuning rate of
 ViT-B-sized models, stated in configs/_base_/mvitv1.py. The full-size models are built on the
@@ -76,6 +77,43 @@ def test_layer_decay_reaches_every_block_and_spares_norms_and_tables():
     assert group_of[id(params['backbone.blocks.3.attn.qkv.weight'])]['weight_decay'] == 1e-4
 
 
+# -- the MViTv2 paper's v1 baselines (its Table 4, Mask R-CNN 3x with windows) ------------------
+# config: arch, drop path, ImageNet weights, published parameters (millions, rounded)
+BASELINES = {
+    'mask_rcnn_mvitv1_t_3x.py': ('tiny', 0.2, None, 46),
+    'mask_rcnn_mvitv1_s_3x.py': ('b16', 0.2, RELEASE, 57),
+    'mask_rcnn_mvitv1_b_3x.py': ('b24', 0.4, None, 73),
+}
+
+
+@pytest.mark.parametrize('name', BASELINES)
+def test_baselines_are_the_mvitv2_recipe_with_v1_in_the_window_design(name):
+    """Everything but the backbone is the MViTv2-T Mask R-CNN 3x config's (detectron2's recipe,
+    which the paper's table shares); the backbone is v1 with 56-token windows."""
+    arch, drop_path, weights, _ = BASELINES[name]
+    cfg, v2 = zoo.load(name), zoo.load('mask_rcnn_mvitv2_t_3x.py')
+    built = zoo.backbone_of(cfg)
+    assert (cfg.model.backbone.type, cfg.model.backbone.arch) == ('MViTv1', arch)
+    assert (built.window_size, zoo.drop_path_of(built)) == (56, pytest.approx(drop_path))
+    global_kv = [s.kv_stride for s in built.block_specs if s.window_size == 0]
+    assert built.cls_token is None and global_kv[:2] == [4, 2]  # detectron2's doubled kv stride
+    assert cfg.model.backbone.init_cfg == (dict(type='Pretrained', checkpoint=weights) if weights else None)
+    assert cfg.model.neck.in_channels == [192, 384, 768, 768]
+    for key in ('optim_wrapper', 'param_scheduler', 'train_cfg', 'auto_scale_lr', 'train_dataloader',
+                'test_dataloader'):
+        assert cfg[key] == v2[key], key
+    assert {k: v for k, v in cfg.model.items() if k not in ('backbone', 'neck')} == \
+        {k: v for k, v in v2.model.items() if k not in ('backbone', 'neck')}
+
+
+@pytest.mark.parametrize('name', BASELINES)
+def test_baselines_have_the_published_parameter_counts(name):
+    """v1 with MViTv2-T / S / B's layouts: the whole Mask R-CNN rounds to the table's count."""
+    with torch.device('meta'):
+        model = zoo.build_model(zoo.load(name))
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == BASELINES[name][3]
+
+
 # -- one batch through each method, with a tiny MViTv1 in the same wiring ------------------------
 TINY = dict(embed_dims=(16, 32, 64, 128), depths=(1, 2, 2, 1), num_heads=(1, 1, 2, 2))
 
@@ -93,7 +131,8 @@ def tiny(name: str, root: Path) -> Config:
 
 
 @pytest.mark.parametrize('name, with_masks', [('mask_rcnn_mvitv1_b16.py', True),
-                                              ('retinanet_mvitv1_b16.py', False)])
+                                              ('retinanet_mvitv1_b16.py', False),
+                                              ('mask_rcnn_mvitv1_s_3x.py', True)])
 def test_detector_trains_and_predicts_one_batch(name, with_masks, coco_root, fast_init):
     zoo.detector_trains_and_predicts(tiny(name, coco_root), with_masks)
 

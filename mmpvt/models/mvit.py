@@ -108,8 +108,9 @@ class PoolingAttention(nn.Module):
             is 2, MViTv2 in every block.
         residual_pooling: add the pooled q to the attention output (MViTv2), or not (v1).
 
-    :meth:`forward` is MViTv2's attention on a token map; :meth:`forward_tokens` is v1's, on
-    a token sequence led by a class token, with global attention.
+    :meth:`forward` runs on a token map: MViTv2's attention, and v1's in its window design
+    (no pooling of q outside the q-stride blocks, no tables, no residual pooling);
+    :meth:`forward_tokens` is v1's global attention, on a token sequence led by a class token.
     """
 
     def __init__(self, dims: int, out_dims: int, num_heads: int, q_stride: int, kv_stride: int,
@@ -150,16 +151,33 @@ class PoolingAttention(nn.Module):
         # copies that slices of one product cost (and, in training, without their backward).
         parts = zip(self.qkv.weight.chunk(3), self.qkv.bias.chunk(3), (self.pool_q, self.pool_k, self.pool_v),
                     (self.norm_q, self.norm_k, self.norm_v))
-        q, k, v = (norm(pool.pool_heads(F.linear(x, w, b))) for w, b, pool, norm in parts)
+        q, k, v = (F.linear(x, w, b).unflatten(-1, (self.num_heads, -1)) if pool is None
+                   else norm(pool.pool_heads(F.linear(x, w, b))) for w, b, pool, norm in parts)
         if self.window_size:
             out = self._windowed_attention(q, k, v)
         else:
             (q_h, q_w), (k_h, k_w) = q.shape[1:3], k.shape[1:3]
-            R_h, R_w = rel_pos_lookup(q_h, k_h, self.rel_pos_h), rel_pos_lookup(q_w, k_w, self.rel_pos_w)
             # (B, heads, tokens, head_dims) views of the maps
-            out = rel_pos_attention(*(t.flatten(1, 2).transpose(1, 2) for t in (q, k, v)), R_h, R_w)
+            out = self._attend(*(t.flatten(1, 2).transpose(1, 2) for t in (q, k, v)),
+                               *self._rel_pos_lookups((q_h, q_w), (k_h, k_w)))
             out = out.transpose(1, 2).unflatten(1, (q_h, q_w))  # a view, whatever the layout
         return self.proj((out + q if self.residual_pooling else out).flatten(-2))
+
+    def _rel_pos_lookups(self, q_hw: HW, k_hw: HW) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The embeddings of every query/key distance along each axis; None without tables."""
+        if self.rel_pos_h is None:
+            return None, None
+        return (rel_pos_lookup(q_hw[0], k_hw[0], self.rel_pos_h),
+                rel_pos_lookup(q_hw[1], k_hw[1], self.rel_pos_w))
+
+    @staticmethod
+    def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, R_h: torch.Tensor | None,
+                R_w: torch.Tensor | None) -> torch.Tensor:
+        """Attention of ``(N, heads, tokens, head_dims)`` operands, with the relative-position
+        term where the block has tables (MViT v1's windows have none: plain fused attention)."""
+        if R_h is None:
+            return F.scaled_dot_product_attention(q, k, v)
+        return rel_pos_attention(q, k, v, R_h, R_w)
 
     def forward_tokens(self, x: torch.Tensor, hw: HW) -> tuple[torch.Tensor, HW]:
         """MViT v1's attention over ``(B, 1 + H * W, dims)`` tokens, the class token first.
@@ -209,8 +227,7 @@ class PoolingAttention(nn.Module):
         v, _ = window_partition(v.flatten(-2), kv_win)
         grid = (B, padded_hw[0] // kv_win, padded_hw[1] // kv_win, kv_win * kv_win, heads, head_dims)
         k, v = k.reshape(grid), v.reshape(grid)
-        R_h = rel_pos_lookup(q_win, kv_win, self.rel_pos_h)
-        R_w = rel_pos_lookup(q_win, kv_win, self.rel_pos_w)
+        R_h, R_w = self._rel_pos_lookups((q_win, q_win), (kv_win, kv_win))
         rows, cols = _window_spans(H, q_win), _window_spans(W, q_win)
         q_tiles = _tiles(q, [n * extent for n, extent in rows], [n * extent for n, extent in cols])
         k_tiles, v_tiles = (_tiles(t, [n for n, _ in rows], [n for n, _ in cols]) for t in (k, v))
@@ -223,7 +240,7 @@ class PoolingAttention(nn.Module):
             q_g = q_g.reshape(-1, heads, h * w, head_dims)
             k_g, v_g = (t[i][j].reshape(-1, kv_win * kv_win, heads, head_dims).transpose(1, 2)
                         for t in (k_tiles, v_tiles))
-            out_g = rel_pos_attention(q_g, k_g, v_g, R_h[:h], R_w[:w])
+            out_g = self._attend(q_g, k_g, v_g, *((None, None) if R_h is None else (R_h[:h], R_w[:w])))
             # (B, n_r, h, n_c, w, heads, head_dims) views, whatever the layout
             out_g = out_g.unflatten(0, (B, n_r, n_c)).unflatten(4, (h, w)).permute(0, 1, 4, 2, 5, 3, 6)
             # written in place (a slice: a split's views may not be written under autograd)
@@ -400,6 +417,24 @@ def block_of(spec: BlockSpec, mlp_ratio: float, drop_path: float) -> MultiScaleB
                            spec.pool_q, spec.residual_pooling)
 
 
+def run_map_blocks(blocks: Sequence[MultiScaleBlock], x: torch.Tensor, norms: Mapping[int, nn.Module],
+                   recompute: bool, level_is_output: bool) -> tuple[torch.Tensor, ...]:
+    """Runs ``blocks`` on a ``(B, H, W, C)`` map up to the last block that ``norms`` names
+    (block index -> the norm of the level taken there) and returns those levels, normalised,
+    as NCHW-shaped, channels-last maps.
+
+    A level is the block's output (``level_is_output``, MViT v1), or the block's map at its
+    attention width (MViTv2: the same map, except where a block widens in its MLP, in
+    MViTv2-L IN-1k). ``recompute`` runs each block under activation checkpointing.
+    """
+    outs = []
+    for i, block in enumerate(blocks[:max(norms) + 1]):
+        x, attention_map = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+        if i in norms:
+            outs.append(norms[i](x if level_is_output else attention_map).permute(0, 3, 1, 2))
+    return tuple(outs)
+
+
 # -- backbones -------------------------------------------------------------------------------
 def _check_stage_lists(family: str, settings: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     """``settings`` with its per-stage lists as tuples; raises ValueError unless each of ``keys``
@@ -416,6 +451,14 @@ def _check_stage_lists(family: str, settings: dict[str, Any], keys: Sequence[str
         raise ValueError(f'{family}: num_heads must divide embed_dims in every stage; stage(s) {bad} of '
                          f'embed_dims={settings["embed_dims"]}, num_heads={settings["num_heads"]} do not')
     return settings
+
+
+def _checked_window_size(family: str, window_size: Any) -> int:
+    """``window_size``, or ValueError unless it is 0 (global attention) or a positive multiple of 8."""
+    if not isinstance(window_size, int) or window_size < 0 or window_size % 8:
+        raise ValueError(f'{family}: window_size must be 0 (global attention) or a positive multiple of 8 '
+                         f'(stage 4 windows are window_size / 8 tokens), got {window_size!r}')
+    return window_size
 
 
 def _out_norm_name(level: int) -> str:
@@ -483,10 +526,7 @@ class MViTv2(DenseBackbone):
                  init_cfg: Mapping[str, Any] | None = None) -> None:
         super().__init__(arch, in_channels=in_channels, out_indices=out_indices, frozen_stages=frozen_stages,
                          norm_eval=norm_eval, with_cp=with_cp, check_finite=check_finite, init_cfg=init_cfg)
-        window_size = self.default(window_size, 'window_size')
-        if not isinstance(window_size, int) or window_size < 0 or window_size % 8:
-            raise ValueError(f'MViTv2: window_size must be 0 (global attention) or a positive multiple of 8 '
-                             f'(stage 4 windows are window_size / 8 tokens), got {window_size!r}')
+        window_size = _checked_window_size('MViTv2', self.default(window_size, 'window_size'))
         settings = self.arch_settings
         self.window_size = window_size
         self.global_kv_stride_x2 = global_kv_stride_x2
@@ -541,16 +581,8 @@ class MViTv2(DenseBackbone):
         """Returns the maps of ``out_indices``: ``(B, out_channels[k], ceil(H / s_k), ceil(W / s_k))``,
         channels-last in memory (NCHW shape)."""
         self.check_input(x)
-        x = self.patch_embed(x)
-        recompute = self.recompute
-        levels = {end: level for level, end in enumerate(self.stage_ends) if level in self.out_indices}
-        outs = []
-        for i, block in enumerate(self.blocks[:max(levels) + 1]):
-            x, level_map = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
-            if i in levels:
-                norm = getattr(self, _out_norm_name(levels[i]))
-                outs.append(norm(level_map).permute(0, 3, 1, 2))
-        return tuple(outs)
+        norms = {self.stage_ends[level]: getattr(self, _out_norm_name(level)) for level in self.out_indices}
+        return run_map_blocks(self.blocks, self.patch_embed(x), norms, self.recompute, level_is_output=False)
 
 
 @register_model
@@ -583,6 +615,14 @@ class MViTv1(DenseBackbone):
     does. The official code runs only at its training crop. Attention is global and fused
     (no ``Nq x Nk`` matrix is held, also at 800x1344).
 
+    With ``window_size > 0`` the model takes the window design of the MViTv2 paper's MViTv1
+    detection baselines (its "Hwin", detectron2's windows, MViTv2's window code): attention
+    inside windows of ``window_size`` tokens in stage 1, halved per stage, except in the last
+    block of stages 2-4, which attends globally. The same modules and weights; the class
+    token is not built, since a token that attends to every position has no window (the
+    detection MViT of detectron2 has none either), and the position table keeps its class
+    row, unused, so that one file loads into both designs.
+
     Args:
         arch: ``b16``, ``b24``, ``b24_wide`` (pre-trained at 320), or a dict with per-stage
             ``embed_dims`` (the width inside each stage), ``depths``, ``num_heads`` and
@@ -594,6 +634,11 @@ class MViTv1(DenseBackbone):
             takes the variant's (the paper's ImageNet values: 0.1 for B-16, 0.3 for B-24).
         pretrain_img_size: the square input the position table was learned for; None takes
             the variant's (224; 320 for ``b24_wide``).
+        window_size: 0 (the default, the paper's global attention) or the window side in
+            stage 1, a multiple of 8 (56 in the MViTv2 paper's baselines); None takes the
+            variant's.
+        global_kv_stride_x2: with windows, double the kv stride of the global blocks of stages
+            2 and 3, as detectron2's window design does; no effect without windows.
         frozen_stages: 0 or -1 freeze nothing; ``k`` in 1..4 freezes the embeddings (stem,
             class token, position table) and the blocks of the first ``k`` stages.
         norm_eval, with_cp, check_finite, init_cfg: see ``DenseBackbone``. ``with_cp``
@@ -604,11 +649,11 @@ class MViTv1(DenseBackbone):
     level_strides = (4, 8, 16, 32)
     # A classification checkpoint has none of the output norms the detection design adds.
     optional_groups = {'output norms': tuple(f'{_out_norm_name(level)}.' for level in range(NUM_STAGES - 1))}
-    unbuilt_parts = 'output norms'
 
     def __init__(self, arch: str | Mapping[str, Any] = 'b16', in_channels: int = 3,
                  out_indices: int | Sequence[int] = (0, 1, 2, 3), drop_path_rate: float | None = None,
-                 pretrain_img_size: int | None = None, frozen_stages: int = -1, norm_eval: bool = False,
+                 pretrain_img_size: int | None = None, window_size: int | None = None,
+                 global_kv_stride_x2: bool = True, frozen_stages: int = -1, norm_eval: bool = False,
                  with_cp: bool = False, check_finite: bool = True,
                  init_cfg: Mapping[str, Any] | None = None) -> None:
         super().__init__(arch, in_channels=in_channels, out_indices=out_indices, frozen_stages=frozen_stages,
@@ -618,11 +663,13 @@ class MViTv1(DenseBackbone):
         if not isinstance(img_size, int) or img_size < self.min_input_size:
             raise ValueError(f'MViTv1: pretrain_img_size must be an int of at least {self.min_input_size} '
                              f'(a square input), got {img_size!r}')
+        self.window_size = _checked_window_size('MViTv1', self.default(window_size, 'window_size'))
         self.pos_grid = (-(-img_size // 4),) * 2  # the stem's ceil(S / 4)
-        self.block_specs = mvit_block_specs(settings, window_size=0, global_kv_stride_x2=False)
+        self.block_specs = mvit_block_specs(settings, self.window_size,
+                                            global_kv_stride_x2 and self.window_size > 0)
         dims = settings['embed_dims'][0]
         self.patch_embed = PatchEmbed(in_channels, dims, kernel_size=7, stride=4, padding=3)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dims))
+        self.cls_token = None if self.window_size else nn.Parameter(torch.zeros(1, 1, dims))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.pos_grid[0] * self.pos_grid[1], dims))
         rates = self.drop_path_rates(self.default(drop_path_rate, 'drop_path_rate'), len(self.block_specs))
         self.blocks = nn.ModuleList(
@@ -635,7 +682,8 @@ class MViTv1(DenseBackbone):
 
         self.apply(init_linear_and_norm)
         nn.init.trunc_normal_(self.pos_embed, std=.02)
-        nn.init.trunc_normal_(self.cls_token, std=.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=.02)
         self.freeze_stages()
 
     @staticmethod
@@ -652,7 +700,8 @@ class MViTv1(DenseBackbone):
         ParameterList that views them) and the blocks of the first ``num_stages`` stages."""
         if num_stages <= 0:
             return []
-        return [self.patch_embed, nn.ParameterList([self.cls_token, self.pos_embed]),
+        tables = [self.pos_embed] if self.cls_token is None else [self.cls_token, self.pos_embed]
+        return [self.patch_embed, nn.ParameterList(tables),
                 *self.blocks[:self.stage_ends[num_stages - 1] + 1]]
 
     @property
@@ -674,10 +723,16 @@ class MViTv1(DenseBackbone):
     def position_grids(self) -> dict[str, tuple[int, HW, str]]:
         return {'pos_embed': (1, self.pos_grid, 'bicubic')}
 
+    @property
+    def unbuilt_parts(self) -> str:
+        return ('the class token (window design) and ' if self.cls_token is None else '') + 'output norms'
+
     def unbuilt_prefixes(self) -> tuple[str, ...]:
-        """The norms of levels outside ``out_indices`` (the final norm of a classification file too)."""
-        return tuple(f'{self._level_norm_name(level)}.' for level in range(self.num_levels)
-                     if level not in self.out_indices)
+        """The norms of levels outside ``out_indices`` (the final norm of a classification file
+        too), and the class token in the window design."""
+        norms = tuple(f'{self._level_norm_name(level)}.' for level in range(self.num_levels)
+                      if level not in self.out_indices)
+        return norms + (('cls_token',) if self.cls_token is None else ())
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -685,9 +740,11 @@ class MViTv1(DenseBackbone):
         self.check_input(x)
         x = self.patch_embed(x)
         hw = tuple(x.shape[1:3])
-        grid = abs_pos_embed_to_grid(self.pos_embed, hw)  # resized when hw is not the table's grid
+        x = x + abs_pos_embed_to_grid(self.pos_embed, hw)  # resized when hw is not the table's grid
+        if self.cls_token is None:
+            return self._forward_windowed(x)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, (x + grid).flatten(1, 2)], dim=1)
+        x = torch.cat([cls, x.flatten(1, 2)], dim=1)
         recompute = self.recompute
         levels = {end: level for level, end in enumerate(self.stage_ends) if level in self.out_indices}
         outs = []
@@ -700,6 +757,14 @@ class MViTv1(DenseBackbone):
                 norm = getattr(self, self._level_norm_name(levels[i]))
                 outs.append(norm(x[:, 1:]).unflatten(1, hw).permute(0, 3, 1, 2))
         return tuple(outs)
+
+    def _forward_windowed(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The window design on the embedded ``(B, H, W, C)`` map: the blocks run on maps, as
+        MViTv2's do; a level is its stage's output (at the next stage's width, as without
+        windows)."""
+        norms = {self.stage_ends[level]: getattr(self, self._level_norm_name(level))
+                 for level in self.out_indices}
+        return run_map_blocks(self.blocks, x, norms, self.recompute, level_is_output=True)
 
 
 # -- checkpoint conversion -------------------------------------------------------------------
@@ -889,7 +954,7 @@ MViTv2.checkpoint_format = MViTv2CheckpointFormat()
 # paper's ImageNet values (0.1 for B-16, 0.3 for the deeper models, its section D.5).
 MVIT_V1_DEFAULTS: dict[str, Any] = dict(mlp_ratio=4., dim_mul_in_attention=False, pool_q_every_block=False,
                                         rel_pos=False, residual_pooling=False, drop_path_rate=0.1,
-                                        pretrain_img_size=224)
+                                        pretrain_img_size=224, window_size=0)
 _B = dict(embed_dims=(96, 192, 384, 768), num_heads=(1, 2, 4, 8))
 # B-16's ImageNet-1k weights: PyTorchVideo's hub file (``pretrained``, what the configs load: a
 # direct download) and the file of PySlowFast's model zoo (``release_page``, a Google Drive page
@@ -903,6 +968,9 @@ MVIT_V1_ARCHS: dict[str, dict[str, Any]] = {
     # "wide": D = 112; its head count is stated nowhere, 1 in stage 1 as in B-16 and B-24.
     'b24_wide': dict(embed_dims=(112, 224, 448, 896), num_heads=(1, 2, 4, 8), depths=(2, 3, 16, 3),
                      drop_path_rate=0.3, pretrain_img_size=320),
+    # The MViTv2 paper's MViTv1-T (its Table 4 baseline): MViTv2-T's layout in v1's design (its
+    # v1-S and v1-B are B-16 and B-24). No weights were released.
+    'tiny': dict(_B, depths=(1, 2, 5, 2)),
 }
 
 MViTv1.arch_zoo = MVIT_V1_ARCHS
