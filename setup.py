@@ -43,6 +43,8 @@ setup(
         'seg': ['mmsegmentation>=1.0.0,<1.3.0', 'ftfy', 'regex'],
         'all': ['mmdet>=3.0.0,<3.4.0', 'mmsegmentation>=1.0.0,<1.3.0', 'ftfy', 'regex', 'matplotlib'],
         'tests': ['pytest>=8', 'pytest-xdist>=3.5', 'ruff>=0.6'],
+        # tools/deploy/export.py: ONNX export (torch's dynamo-based exporter) and its check
+        'deploy': ['onnx>=1.17', 'onnxruntime>=1.20', 'onnxscript>=0.3'],
     },
     ext_modules=[DWCONV_GELU],
     zip_safe=False,

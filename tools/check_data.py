@@ -10,7 +10,6 @@ printed last; the exit status is 1 if a problem would stop a run.
 """
 import argparse
 import json
-import sys
 
 from mmengine.config import DictAction
 
@@ -45,8 +44,4 @@ def main() -> int:
 
 
 if __name__ == '__main__':
-    cli.quiet_third_party_warnings()
-    try:
-        sys.exit(main())
-    except cli.LaunchError as exc:
-        sys.exit(f'error: {exc}')
+    cli.run_tool(main)

@@ -104,8 +104,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    cli.quiet_third_party_warnings()  # before anything reads a config
-    try:
-        main()
-    except cli.LaunchError as exc:
-        sys.exit(f'error: {exc}')
+    cli.run_tool(main)

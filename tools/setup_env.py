@@ -68,6 +68,9 @@ BUILD_REQUIREMENTS = ('setuptools>=60,<70', 'wheel', 'ninja')
 # The stack beside torch, as requirements.txt pins it; mmcv's own runtime requirements are
 # read from its source distribution.
 REQUIREMENTS = ROOT / 'requirements.txt'
+# Exporting (tools/deploy/export.py): installed by an online setup, left out of a wheelhouse
+# (the GPU check does not export, and onnx and onnxruntime alone are some 35 MB of wheels).
+DEPLOY_REQUIREMENTS = ROOT / 'requirements-deploy.txt'
 # One compiler process of mmcv's CUDA build peaks at about 2.9 GB: no more parallel jobs
 # than the memory holds.
 GB_PER_BUILD_JOB = 3
@@ -572,17 +575,19 @@ sys.exit(any(m.version(k) != v for k, v in want.items())
          or not 77 <= int(m.version('setuptools').split('.')[0]) < 81)
 import timm, ftfy, regex, pycocotools, pytest, xdist, matplotlib, pkg_resources
 '''
+DEPLOY_CHECK = 'import onnx, onnxruntime, onnxscript\n'
 
 
 def install_stack(plan: Plan) -> None:
     python = str(plan.venv / 'bin' / 'python')
-    if subprocess.run([python, '-c', STACK_CHECK], capture_output=True).returncode == 0:
+    check = STACK_CHECK if plan.wheelhouse else STACK_CHECK + DEPLOY_CHECK
+    if subprocess.run([python, '-c', check], capture_output=True).returncode == 0:
         return
-    say('the OpenMMLab stack, timm and the test tools')
+    say('the OpenMMLab stack, timm, the test tools' + ('' if plan.wheelhouse else ' and the exporters'))
     if plan.wheelhouse:
         install_from_wheelhouse(plan)
     else:
-        run([*pip(plan), 'install', '-q', '-r', REQUIREMENTS])
+        run([*pip(plan), 'install', '-q', '-r', REQUIREMENTS, '-r', DEPLOY_REQUIREMENTS])
 
 
 # Whether mmpvt is installed from this checkout with its kernel built from the current

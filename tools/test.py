@@ -9,7 +9,6 @@ returned metrics, which scripts parse. An evaluator that returns no metrics (an 
 metric when the model predicted no box) ends the run with an error naming it, exit status 1.
 """
 import argparse
-import sys
 
 from mmengine.runner import Runner
 
@@ -51,8 +50,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-    cli.quiet_third_party_warnings()  # before anything reads a config
-    try:
-        main()
-    except cli.LaunchError as exc:
-        sys.exit(f'error: {exc}')
+    cli.run_tool(main)

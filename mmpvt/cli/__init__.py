@@ -5,6 +5,9 @@ launches on GPUs and CPUs, and quiet, one-line errors.
 Imported by the tools only; ``import mmpvt`` does not load it. The inference API (a model
 from a config and a checkpoint, predictions on images) is ``mmpvt.apis``.
 """
+import sys
+from collections.abc import Callable
+
 from ..engine.amp import cpu_has_fast_bf16
 from ..errors import LaunchError, check_file
 from .launch import (
@@ -39,5 +42,16 @@ __all__ = [
     'enable_amp', 'enable_auto_scale_lr', 'enable_show_dir', 'explain_data_error',
     'explain_data_errors', 'format_metrics', 'is_main_process', 'keep_freed_memory', 'LaunchError',
     'load_config', 'load_run_config', 'parse_metrics', 'quiet_third_party_warnings', 'report_checks_passed',
-    'setup_distributed',
+    'run_tool', 'setup_distributed',
 ]
+
+
+def run_tool(main: Callable[[], int | None]) -> None:
+    """A tool's entry point: the third-party notices hidden before anything reads a config,
+    ``main``'s return value as the exit status, and a LaunchError as one ``error: ...`` line
+    with exit status 1."""
+    quiet_third_party_warnings()
+    try:
+        sys.exit(main())
+    except LaunchError as exc:
+        sys.exit(f'error: {exc}')

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import HW, DropPath, Mlp
+from .layers import HW, DropPath, Mlp, exporting
 
 
 # -- windows ---------------------------------------------------------------------------------
@@ -27,12 +27,18 @@ def window_partition(x: torch.Tensor, window_size: int) -> tuple[torch.Tensor, H
     :func:`window_unpartition` needs.
     """
     B, H, W, C = x.shape
-    pad_h, pad_w = -H % window_size, -W % window_size
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    Hp, Wp = H + pad_h, W + pad_w
-    x = x.view(B, Hp // window_size, window_size, Wp // window_size, window_size, C)
-    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, C)
+    # Windows per side first and the padded size from them (not H + (-H % n)): an exported
+    # model's symbolic sizes then divide exactly, with no guard on the input size. Rounded up
+    # on positive numbers: ONNX divides integers towards zero, so -(-H // n) would export wrong.
+    rows, cols = (H + window_size - 1) // window_size, (W + window_size - 1) // window_size
+    Hp, Wp = rows * window_size, cols * window_size
+    if exporting() or Hp > H or Wp > W:  # exported: padded by what the input size needs, maybe 0
+        x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
+    x = x.view(B, rows, window_size, cols, window_size, C).permute(0, 1, 3, 2, 4, 5)
+    if exporting():  # a copy whatever the sizes: reshape would ask whether a view can do
+        windows = x.clone(memory_format=torch.contiguous_format).view(-1, window_size, window_size, C)
+        return windows, (Hp, Wp)
+    windows = x.reshape(-1, window_size, window_size, C)
     return windows, (Hp, Wp)
 
 
@@ -43,8 +49,14 @@ def window_unpartition(windows: torch.Tensor, window_size: int, padded_hw: Seque
     H, W = hw
     rows, cols = Hp // window_size, Wp // window_size
     B = windows.shape[0] // (rows * cols)
-    x = windows.view(B, rows, cols, window_size, window_size, -1)
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)
+    x = windows.view(B, rows, cols, window_size, window_size, -1).permute(0, 1, 3, 2, 4, 5)
+    if exporting():
+        # Copied whatever the sizes (see window_partition) and cropped by gathering the rows
+        # and columns kept: a slice would ask whether H <= Hp, which symbolic sizes cannot show.
+        x = x.clone(memory_format=torch.contiguous_format).view(B, Hp, Wp, -1)
+        x = x.index_select(1, torch.arange(H, device=x.device))
+        return x.index_select(2, torch.arange(W, device=x.device))
+    x = x.reshape(B, Hp, Wp, -1)
     if Hp > H or Wp > W:
         x = x[:, :H, :W, :].contiguous()
     return x
@@ -58,8 +70,8 @@ def resize_rel_pos(table: torch.Tensor, length: int) -> torch.Tensor:
     of another size needs ``2 * size - 1`` rows. ``align_corners=False``, as detectron2
     resizes them. Returns ``table`` itself when the length already fits.
     """
-    if table.shape[0] == length:
-        return table
+    if not exporting() and table.shape[0] == length:
+        return table  # exported: resized to the same length where it fits, the identity
     resized = F.interpolate(table.t()[None], size=length, mode='linear', align_corners=False)
     return resized[0].t()
 
@@ -73,11 +85,27 @@ def rel_pos_lookup(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tenso
     positions are compared in the same units, then truncated to a row index, as detectron2
     and the MViTv2 authors do.
     """
+    if exporting():
+        return _exported_rel_pos_lookup(q_size, k_size, table)
     table = resize_rel_pos(table, 2 * max(q_size, k_size) - 1)
     q_scale, k_scale = max(k_size / q_size, 1.0), max(q_size / k_size, 1.0)
     q_coords = torch.arange(q_size, device=table.device)[:, None] * q_scale
     k_coords = torch.arange(k_size, device=table.device)[None, :] * k_scale
     index = (q_coords - k_coords) + (k_size - 1) * k_scale
+    return table[index.long()]
+
+
+def _exported_rel_pos_lookup(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
+    """:func:`rel_pos_lookup` on symbolic sizes, the same arithmetic in tensors: no branch on a
+    size (``torch.sym_max``), and the ratios as float64 tensors rounded to float32 where the
+    eager path's Python floats meet float32 tensors (ONNX has no symbolic float scalars)."""
+    table = resize_rel_pos(table, 2 * torch.sym_max(q_size, k_size) - 1)
+    q_len, k_len = (torch.scalar_tensor(n, dtype=torch.float64, device=table.device)
+                    for n in (q_size, k_size))
+    q_scale, k_scale = (k_len / q_len).clamp(min=1.0), (q_len / k_len).clamp(min=1.0)
+    q_coords = torch.arange(q_size, device=table.device)[:, None] * q_scale.float()
+    k_coords = torch.arange(k_size, device=table.device)[None, :] * k_scale.float()
+    index = (q_coords - k_coords) + ((k_len - 1) * k_scale).float()
     return table[index.long()]
 
 
@@ -97,12 +125,25 @@ def rel_pos_terms(q: torch.Tensor, R_h: torch.Tensor, R_w: torch.Tensor) -> tupl
         both contiguous.
     """
     grid_q = q.unflatten(-2, (R_h.shape[0], R_w.shape[0]))
+    if exporting():
+        return _axis_products(grid_q, R_h.to(q.dtype), -3), _axis_products(grid_q, R_w.to(q.dtype), -2)
     # einsum may return permuted strides; the broadcast sum of the two would inherit them,
     # and flattening it would then copy the whole (q_h*q_w) x (k_h*k_w) bias. Made
     # contiguous, the sum is born in the layout the attention reads.
     rel_h = torch.einsum('...hwc,hkc->...hwk', grid_q, R_h.to(q.dtype)).contiguous()
     rel_w = torch.einsum('...hwc,wkc->...hwk', grid_q, R_w.to(q.dtype)).contiguous()
     return rel_h, rel_w
+
+
+def _axis_products(grid_q: torch.Tensor, R: torch.Tensor, axis: int) -> torch.Tensor:
+    """``einsum('...hwc,hkc->...hwk')`` (``axis`` -3) or ``'...hwc,wkc->...hwk'`` (-2) as one
+    batched product over the axis, for an exported model: einsum's own reshapes ask whether
+    a leading size is 1, which ties the export to the traced number of windows."""
+    moved = grid_q.movedim(axis, 0)  # (n, ..., other axis, c), n = R's rows
+    flat = moved.clone(memory_format=torch.contiguous_format).view(R.shape[0], -1, R.shape[-1])
+    out = torch.bmm(flat, R.transpose(1, 2))  # (n, tokens, k)
+    out = out.view(*moved.shape[:-1], R.shape[1]).movedim(0, axis)
+    return out.clone(memory_format=torch.contiguous_format)
 
 
 def _rel_pos_spread(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor | None:
@@ -165,7 +206,7 @@ def rel_pos_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, R_h: to
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, R_h, R_w))
     rel_h, rel_w = rel_pos_terms(q, R_h, R_w)
     spread = _rel_pos_spread(rel_h, rel_w)
-    if needs_grad or q.device.type != 'cpu':
+    if needs_grad or q.device.type != 'cpu' or exporting():  # exported: no loop over sizes
         return masked_attention(q, k, v, _rel_pos_mask(rel_h, rel_w, spread), dropout_p)
     n, heads, nq, _ = q.shape
     q_h, q_w = R_h.shape[0], R_w.shape[0]

@@ -343,6 +343,12 @@ class DenseBackbone(BaseModule):
         """Raises ValueError unless ``x`` is a ``(B, in_channels, H, W)`` batch with H, W at
         least ``min_input_size``, and, in training with ``check_finite``, FloatingPointError
         if it holds NaN or inf."""
+        if torch.onnx.is_in_onnx_export() and not torch.compiler.is_exporting():
+            raise RuntimeError(
+                f'{type(self).__name__} does not export through the TorchScript-based ONNX exporter '
+                '(torch.onnx.export(..., dynamo=False)): it traces the Python size arithmetic as '
+                'constants, so the model would hold for the traced size only, or compute wrong values. '
+                'Use the default exporter, torch.onnx.export(..., dynamo=True), or tools/deploy/export.py.')
         if x.dim() != 4 or x.shape[1] != self.in_channels or min(x.shape[-2:]) < self.min_input_size:
             raise ValueError(
                 f'{type(self).__name__} expects input of shape (B, {self.in_channels}, H, W) with '

@@ -74,16 +74,53 @@ def nchw_to_nlc(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+def exporting() -> bool:
+    """Whether ``torch.export`` (or the ONNX exporter built on it) is tracing the model.
+
+    Sizes are symbolic then, and a branch on a size (a shortcut where two grids agree) would
+    tie the exported graph to the traced input size: the model takes its general path instead.
+    """
+    return torch.compiler.is_exporting()
+
+
+def adaptive_avg_pool2d(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, size)`` for a ``(B, C, H, W)`` map, in operations that hold
+    for every input size once exported.
+
+    Bin ``i`` of ``n`` along a side of ``L`` averages ``[floor(i L / n), ceil((i + 1) L / n))``,
+    PyTorch's rule; the bins are written as an ``(n, L)`` averaging matrix per side, computed
+    from the symbolic size. (ONNX has no adaptive pooling: exporters turn it into a fixed
+    kernel and stride, right only at the traced size.) Eager runs use PyTorch's operator.
+    """
+    if not exporting():
+        return F.adaptive_avg_pool2d(x, size)
+
+    def bins(length) -> torch.Tensor:
+        i = torch.arange(size, device=x.device)[:, None]
+        j = torch.arange(length, device=x.device)[None, :]
+        start, end = (i * length) // size, -((-(i + 1) * length) // size)  # floor, ceil
+        inside = (j >= start) & (j < end)
+        weights = inside.to(x.dtype)
+        return weights / weights.sum(1, keepdim=True)
+
+    return bins(x.shape[2]) @ x.contiguous() @ bins(x.shape[3]).t()
+
+
 def resize_pos_embed(pos_embed: torch.Tensor, src_hw: Sequence[int], dst_hw: Sequence[int],
                      mode: str = 'bilinear') -> torch.Tensor:
     """Resizes a ``(1, src_h*src_w, C)`` absolute position embedding to ``dst_hw``.
 
-    Returns ``pos_embed`` itself when the grids agree, so pre-training sizes cost nothing.
+    Returns ``pos_embed`` itself when the grids agree, so pre-training sizes cost nothing;
+    an exported model always resizes (at the same size, bilinear and bicubic interpolation
+    without corner alignment sample exactly the source points: the identity).
     """
-    if tuple(src_hw) == tuple(dst_hw):
+    if exporting():
+        size = tuple(dst_hw)
+    elif tuple(src_hw) == tuple(dst_hw):
         return pos_embed
-    grid = nlc_to_nchw(pos_embed, src_hw)
-    grid = F.interpolate(grid, size=(int(dst_hw[0]), int(dst_hw[1])), mode=mode, align_corners=False)
+    else:
+        size = (int(dst_hw[0]), int(dst_hw[1]))
+    grid = F.interpolate(nlc_to_nchw(pos_embed, src_hw), size=size, mode=mode, align_corners=False)
     return nchw_to_nlc(grid)
 
 
@@ -132,7 +169,7 @@ def abs_pos_embed_to_grid(pos_embed: torch.Tensor, hw: Sequence[int],
         raise ValueError(f'the position embedding has {grid.shape[1]} rows after {num_prefix_tokens} '
                          'prefix row(s): not a square grid')
     grid = resize_pos_embed(grid, (side, side), hw, mode='bicubic')
-    return grid.reshape(1, int(hw[0]), int(hw[1]), -1)
+    return grid.reshape(1, *(hw if exporting() else map(int, hw)), -1)
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -36,9 +36,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import CheckpointFormat
 from ..registry import register_model
-from .attention import rel_pos_attention, rel_pos_lookup, window_partition
+from .attention import rel_pos_attention, rel_pos_lookup, window_partition, window_unpartition
 from .base import DenseBackbone
-from .layers import HW, DropPath, Mlp, PatchEmbed, abs_pos_embed_to_grid, init_linear_and_norm
+from .layers import HW, DropPath, Mlp, PatchEmbed, abs_pos_embed_to_grid, exporting, init_linear_and_norm
 
 # LayerNorm eps of every MViTv2 release and of detectron2's MViT configs.
 NORM_EPS = 1e-6
@@ -154,7 +154,8 @@ class PoolingAttention(nn.Module):
         q, k, v = (F.linear(x, w, b).unflatten(-1, (self.num_heads, -1)) if pool is None
                    else norm(pool.pool_heads(F.linear(x, w, b))) for w, b, pool, norm in parts)
         if self.window_size:
-            out = self._windowed_attention(q, k, v)
+            windowed = self._exported_windowed_attention if exporting() else self._windowed_attention
+            out = windowed(q, k, v)
         else:
             (q_h, q_w), (k_h, k_w) = q.shape[1:3], k.shape[1:3]
             # (B, heads, tokens, head_dims) views of the maps
@@ -246,6 +247,23 @@ class PoolingAttention(nn.Module):
             # written in place (a slice: a split's views may not be written under autograd)
             out[:, r0:r0 + n_r * h, c0:c0 + n_c * w].view(out_g.shape).copy_(out_g)
         return out
+
+
+    def _exported_windowed_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """:meth:`_windowed_attention` as detectron2 computes it, for an exported model: q is
+        cut into zero-padded windows too, and the padding's queries are computed and dropped.
+        The same windows, keys and outputs, in operations that hold for every input size (the
+        grouping by query extent is a loop over sizes)."""
+        B, H, W, heads, head_dims = q.shape
+        q_win, kv_win = self.window_size // self.q_stride, self.window_size // self.kv_stride
+        (q, padded_hw), (k, _), (v, _) = (window_partition(t.flatten(-2), win)
+                                          for t, win in ((q, q_win), (k, kv_win), (v, kv_win)))
+        # (windows, heads, tokens, head_dims) views; every map has the same windows, row-major
+        q, k, v = (t.flatten(1, 2).unflatten(-1, (heads, head_dims)).transpose(1, 2) for t in (q, k, v))
+        out = self._attend(q, k, v, *self._rel_pos_lookups((q_win, q_win), (kv_win, kv_win)))
+        out = out.transpose(1, 2).clone(memory_format=torch.contiguous_format)
+        out = out.view(-1, q_win, q_win, heads * head_dims)
+        return window_unpartition(out, q_win, padded_hw, (H, W)).unflatten(-1, (heads, head_dims))
 
 
 def _window_spans(size: int, window: int) -> list[tuple[int, int]]:

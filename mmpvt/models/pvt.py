@@ -23,7 +23,17 @@ from ..checkpoint import CheckpointFormat
 from ..ops import dwconv_gelu
 from ..registry import register_model
 from .base import DenseBackbone
-from .layers import HW, DropPath, PatchEmbed, init_linear_and_norm, nchw_to_nlc, nlc_to_nchw, resize_pos_embed
+from .layers import (
+    HW,
+    DropPath,
+    PatchEmbed,
+    adaptive_avg_pool2d,
+    exporting,
+    init_linear_and_norm,
+    nchw_to_nlc,
+    nlc_to_nchw,
+    resize_pos_embed,
+)
 
 # LayerNorm eps as in the authors' training code: blocks and stage outputs use 1e-6, the
 # patch embeddings and the key/value reduction keep PyTorch's default.
@@ -65,7 +75,6 @@ class SpatialReductionAttention(nn.Module):
         self.proj = nn.Linear(dims, dims)
         self.proj_drop = nn.Dropout(proj_drop)
         if linear:
-            self.pool = nn.AdaptiveAvgPool2d(LINEAR_POOL_SIZE)
             self.sr = nn.Conv2d(dims, dims, kernel_size=1)
             self.norm = nn.LayerNorm(dims, eps=EMBED_NORM_EPS)
             self.act = nn.GELU()
@@ -86,7 +95,7 @@ class SpatialReductionAttention(nn.Module):
         if self.reduces:
             kv = nlc_to_nchw(x, hw)
             if self.linear:
-                kv = self.pool(kv)
+                kv = adaptive_avg_pool2d(kv, LINEAR_POOL_SIZE)
             kv = self.norm(nchw_to_nlc(self.sr(kv)))
             if self.linear:
                 kv = self.act(kv)
@@ -150,7 +159,9 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, hw: HW) -> torch.Tensor:
-        if self.dwconv is not None and self.relu is None:
+        # An exported model runs the layers as they are: the kernel has no ONNX or export
+        # translation, and the bias folding and its autograd correction serve training speed.
+        if self.dwconv is not None and self.relu is None and not exporting():
             h = F.linear(x, self.fc1.weight)  # fc1's bias goes in with the convolution
             if dwconv_gelu.applies(h):
                 x = dwconv_gelu.dwconv_gelu(h, hw, self.dwconv.weight, self.fc1.bias, self.dwconv.bias)

@@ -35,7 +35,7 @@ from ..checkpoint import CheckpointError, CheckpointFormat
 from ..registry import register_model
 from .attention import TransformerBlock
 from .base import DenseBackbone
-from .layers import HW, Mlp, init_linear_and_norm, nlc_to_nchw, resize_pos_embed
+from .layers import HW, Mlp, exporting, init_linear_and_norm, nlc_to_nchw, resize_pos_embed
 from .pyramid import SimplePyramid
 
 # nn.LayerNorm's default eps: every LayerNorm of the authors' code (token layers, blocks, final norm).
@@ -66,7 +66,7 @@ def soft_split_grids(hw: Sequence[int]) -> tuple[HW, HW, HW]:
     224 gives 56, 28, 14; 225x290 gives (56, 72), (28, 36), (14, 18).
     """
     grids = []
-    h, w = int(hw[0]), int(hw[1])
+    h, w = hw if exporting() else (int(hw[0]), int(hw[1]))  # exported: symbolic sizes, kept so
     for kernel, stride, padding in SOFT_SPLITS:
         h, w = unfold_size(h, kernel, stride, padding), unfold_size(w, kernel, stride, padding)
         grids.append((h, w))
@@ -466,7 +466,7 @@ class T2TViT(DenseBackbone):
 
     def _pos_embed(self, hw: HW) -> torch.Tensor:
         """The position table for a ``hw`` grid: the class row, then the grid resized bicubically."""
-        if tuple(hw) == self.pos_grid:
+        if not exporting() and tuple(hw) == self.pos_grid:
             return self.pos_embed
         grid = resize_pos_embed(self.pos_embed[:, NUM_PREFIX_TOKENS:], self.pos_grid, hw, mode='bicubic')
         return torch.cat([self.pos_embed[:, :NUM_PREFIX_TOKENS], grid], dim=1)

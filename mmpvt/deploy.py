@@ -1,0 +1,196 @@
+"""Exporting mmpvt's backbones, with proof that the exported graph computes what PyTorch does.
+
+Two formats: ONNX through torch's default (dynamo-based) exporter, run with onnxruntime, and
+torch.export's ExportedProgram (``.pt2``). With ``dynamic`` the image's height and width are
+symbolic from ``MIN_SIDE`` to ``MAX_SIDE``: the models take their size-independent path when
+exported (``mmpvt.models.layers.exporting``), so one graph serves every size. Each artefact is
+checked against the eager model at the export size and, when dynamic, at two other sizes (one
+non-square, one not a multiple of 32): :func:`parity`.
+
+The TorchScript-based ONNX exporter (``dynamo=False``) is refused by every backbone: it traces
+Python size arithmetic as constants.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+FORMATS = ('onnx', 'pt2')
+# Symbolic sides span this range. Below 64 pixels the stride-32 level would be one token, a
+# size that torch.export treats as a special case.
+MIN_SIDE, MAX_SIDE = 64, 4096
+ONNX_OPSET = 18
+# An exported map may differ from the eager one by this fraction of the map's largest value.
+PARITY_TOLERANCE = 1e-4
+DEPLOY_PACKAGES = ('onnx', 'onnxruntime', 'onnxscript')
+
+
+class ExportError(RuntimeError):
+    """An export that could not be made or does not compute what the model computes."""
+
+
+@dataclass
+class Artefact:
+    """What an export wrote: its file, its input and output names and shapes, and which axes
+    are symbolic."""
+    path: Path
+    format: str
+    input_shape: tuple[int, ...]
+    output_shapes: list[tuple[int, ...]]
+    dynamic: bool
+    output_names: list[str] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[Path]:
+        """The written files: the artefact, and the weights the ONNX exporter keeps beside the
+        graph (``<file>.data``; ONNX's protobuf holds at most 2 GB)."""
+        data = self.path.with_name(self.path.name + '.data')
+        return [self.path, data] if data.exists() else [self.path]
+
+    def describe(self) -> str:
+        """One line: path, size, input, outputs, dynamic axes."""
+        size = sum(f.stat().st_size for f in self.files) / 2**20
+        where = ' + '.join(str(f) for f in self.files)
+        axes = (f'height and width dynamic in [{MIN_SIDE}, {MAX_SIDE}]' if self.dynamic
+                else 'static shapes')
+        outputs = ', '.join(f'{name} {list(shape)}'
+                            for name, shape in zip(self.output_names, self.output_shapes))
+        return (f'{where}: {self.format}, {size:.1f} MB; input image {list(self.input_shape)} float32; '
+                f'outputs {outputs}; {axes}')
+
+
+def missing_packages(fmt: str) -> list[str]:
+    """The packages an ONNX export and its check need that are not installed (none for pt2)."""
+    if fmt != 'onnx':
+        return []
+    import importlib.util
+    return [name for name in DEPLOY_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+@contextlib.contextmanager
+def _size_oblivious():
+    """Symbolic sizes reasoned about without a special case for 0 and 1: otherwise a size that
+    is 1 at the traced input (one attention window, say) ties the export to it."""
+    try:
+        from torch.fx.experimental import _config
+    except ImportError:  # pragma: no cover - torch without the switch
+        yield
+        return
+    with _config.patch(backed_size_oblivious=True):
+        yield
+
+
+def _dynamic_shapes(dynamic: bool) -> tuple | None:
+    if not dynamic:
+        return None
+    height = torch.export.Dim('height', min=MIN_SIDE, max=MAX_SIDE)
+    width = torch.export.Dim('width', min=MIN_SIDE, max=MAX_SIDE)
+    return ({2: height, 3: width},)
+
+
+def export(model: nn.Module, shape: Sequence[int], fmt: str, out: str | os.PathLike,
+           dynamic: bool = False, log: Callable[[str], None] = print) -> Artefact:
+    """Exports ``model`` (a backbone returning a tuple of maps) traced at ``shape``
+    ``(B, C, H, W)`` to ``out`` as ``fmt`` ('onnx' or 'pt2'); returns what was written.
+
+    Raises ExportError with the exporter's first line when the export fails, and for a side
+    outside ``[MIN_SIDE, MAX_SIDE]`` when ``dynamic``.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f'format must be one of {FORMATS}, got {fmt!r}')
+    if missing := missing_packages(fmt):
+        raise ExportError(f'exporting to ONNX needs {", ".join(missing)}: pip install "mmpvt[deploy]" '
+                          '(or make setup, which installs requirements-deploy.txt)')
+    shape = tuple(int(s) for s in shape)
+    if dynamic and not all(MIN_SIDE <= side <= MAX_SIDE for side in shape[2:]):
+        raise ExportError(f'a dynamic export is traced at sides in [{MIN_SIDE}, {MAX_SIDE}]; got {shape[2:]}')
+    model = model.eval()
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        output_shapes = [tuple(o.shape) for o in model(example)]
+    strides = getattr(model, 'out_strides', None)  # a DenseBackbone's; positions otherwise
+    names = ([f'stride{s}' for s in strides] if strides and len(strides) == len(output_shapes)
+             else [f'output{i}' for i in range(len(output_shapes))])
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log(f'exporting {type(model).__name__} to {fmt}, traced at {list(shape)}'
+        + (' with dynamic height and width' if dynamic else ''))
+    chatter = io.StringIO()  # the exporters' own step lines; shown only when they fail
+    try:
+        with torch.no_grad(), _size_oblivious(), contextlib.redirect_stdout(chatter):
+            if fmt == 'pt2':
+                program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic))
+                with warnings.catch_warnings():
+                    # about weights that share storage (views of one tensor): saved whole
+                    warnings.filterwarnings('ignore', 'No complete tensor found in the group')
+                    torch.export.save(program, out)
+            else:
+                torch.onnx.export(model, (example,), out, dynamo=True, opset_version=ONNX_OPSET,
+                                  input_names=['image'], output_names=names,
+                                  dynamic_shapes=_dynamic_shapes(dynamic), verbose=False)
+    except Exception as error:  # the exporters raise many types; the first line says what failed
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ExportError(f'{fmt} export of {type(model).__name__} failed: {type(error).__name__}: {first}'
+                          ) from error
+    return Artefact(out, fmt, shape, output_shapes, dynamic, names)
+
+
+def load_runner(artefact: Artefact, threads: int | None = None) -> Callable[[torch.Tensor], list[np.ndarray]]:
+    """A function running the exported file on an image batch: onnxruntime on the CPU for
+    ONNX (``threads`` intra-op threads, torch's count by default), the loaded program for pt2."""
+    if artefact.format == 'pt2':
+        module = torch.export.load(artefact.path).module()
+
+        def run_program(x: torch.Tensor) -> list[np.ndarray]:
+            with torch.no_grad():
+                return [o.numpy() for o in module(x)]
+        return run_program
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.log_severity_level = 3  # errors only
+    session = ort.InferenceSession(str(artefact.path), options, providers=['CPUExecutionProvider'])
+    input_name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {input_name: x.numpy()})
+
+
+def check_sizes(shape: Sequence[int], dynamic: bool) -> list[tuple[int, ...]]:
+    """The input shapes an export is checked at: its own and, when dynamic, one non-square and
+    one with a side that is not a multiple of 32 (both within the dynamic range)."""
+    b, c, h, w = (int(s) for s in shape)
+    if not dynamic:
+        return [(b, c, h, w)]
+    wide = (h, w + 64 if w + 64 <= MAX_SIDE else w - 64)
+    if wide[0] == wide[1]:
+        wide = (wide[0], wide[1] + 32 if wide[1] + 32 <= MAX_SIDE else wide[1] - 32)
+    odd = (h + 13 if h + 13 <= MAX_SIDE else h - 13, w - 7 if w - 7 >= MIN_SIDE else w + 7)
+    return [(b, c, h, w), (b, c, *wide), (b, c, *odd)]
+
+
+def parity(model: nn.Module, run: Callable[[torch.Tensor], list[np.ndarray]],
+           shapes: Sequence[Sequence[int]]) -> list[tuple[tuple[int, ...], list[float]]]:
+    """Per input shape, each output map's largest difference from the eager model's, as a
+    fraction of that map's largest magnitude (random normal images, a fixed seed)."""
+    results = []
+    generator = torch.Generator().manual_seed(1)
+    for shape in shapes:
+        x = torch.randn(tuple(shape), generator=generator)
+        with torch.no_grad():
+            expected = [o.numpy() for o in model.eval()(x)]
+        got = run(x)
+        if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
+            shapes = [list(g.shape) for g in got], [list(e.shape) for e in expected]
+            raise ExportError(f'at {list(shape)} the exported outputs have shapes {shapes[0]}, the model\'s '
+                              f'{shapes[1]}')
+        errors = [float(np.abs(g - e).max() / max(np.abs(e).max(), 1e-12)) for g, e in zip(got, expected)]
+        results.append((tuple(shape), errors))
+    return results
