@@ -13,6 +13,7 @@ Python size arithmetic as constants.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import warnings
@@ -26,7 +27,8 @@ from torch import nn
 
 FORMATS = ('onnx', 'pt2')
 # Symbolic sides span this range. Below 64 pixels the stride-32 level would be one token, a
-# size that torch.export treats as a special case.
+# size that torch.export treats as a special case; a model with coarser outputs (RetinaNet's
+# stride 128) starts where its coarsest output has two (:func:`min_side`).
 MIN_SIDE, MAX_SIDE = 64, 4096
 ONNX_OPSET = 18
 # An exported map may differ from the eager one by this fraction of the map's largest value.
@@ -48,6 +50,7 @@ class Artefact:
     output_shapes: list[tuple[int, ...]]
     dynamic: bool
     output_names: list[str] = field(default_factory=list)
+    min_side: int = MIN_SIDE
 
     @property
     def files(self) -> list[Path]:
@@ -60,7 +63,7 @@ class Artefact:
         """One line: path, size, input, outputs, dynamic axes."""
         size = sum(f.stat().st_size for f in self.files) / 2**20
         where = ' + '.join(str(f) for f in self.files)
-        axes = (f'height and width dynamic in [{MIN_SIDE}, {MAX_SIDE}]' if self.dynamic
+        axes = (f'height and width dynamic in [{self.min_side}, {MAX_SIDE}]' if self.dynamic
                 else 'static shapes')
         outputs = ', '.join(f'{name} {list(shape)}'
                             for name, shape in zip(self.output_names, self.output_shapes))
@@ -89,12 +92,70 @@ def _size_oblivious():
         yield
 
 
-def _dynamic_shapes(dynamic: bool) -> tuple | None:
+def min_side(input_shape: Sequence[int], output_shapes: Sequence[Sequence[int]]) -> int:
+    """The smallest side a dynamic export admits: ``MIN_SIDE``, or more where the coarsest
+    map output has a stride ``s`` (input side / output side) that needs ``s + 1`` pixels for
+    two positions."""
+    strides = [input_shape[2] / shape[2] for shape in output_shapes if len(shape) == 4 and shape[2]]
+    return max(MIN_SIDE, int(np.ceil(max(strides, default=1))) + 1)
+
+
+def _dynamic_shapes(dynamic: bool, smallest: int) -> tuple | None:
     if not dynamic:
         return None
-    height = torch.export.Dim('height', min=MIN_SIDE, max=MAX_SIDE)
-    width = torch.export.Dim('width', min=MIN_SIDE, max=MAX_SIDE)
+    height = torch.export.Dim('height', min=smallest, max=MAX_SIDE)
+    width = torch.export.Dim('width', min=smallest, max=MAX_SIDE)
     return ({2: height, 3: width},)
+
+
+def _flat(outputs) -> list[torch.Tensor]:
+    """The tensors of a nest of tuples and lists, depth first."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    return [t for item in outputs for t in _flat(item)]
+
+
+def _integral_upsample(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    from mmseg.models.utils import resize
+    factor = int(module.scale_factor)
+    return resize(x, (x.shape[-2] * factor, x.shape[-1] * factor), None, module.mode, module.align_corners)
+
+
+class TensorMode(nn.Module):
+    """A detector's or segmentor's tensor mode (mmdet's and mmseg's ``_forward``: the
+    backbone, neck and head outputs before any post-processing) with a flat tuple of outputs,
+    depth first (a RetinaNet gives its class scores per level, then its box deltas per level;
+    a segmentor its logits at 1/4 of the input).
+
+    mmseg's ``Upsample`` with an integral factor computes its size in integers here: as
+    ``int(side * factor)`` a symbolic size becomes a Python float and ties the export to the
+    traced size (it exported Semantic FPN 4.7e-2 off at other sizes); the same sizes, the
+    same values. A two-stage detector is refused: its proposal stage runs NMS and RoI
+    operations of mmcv that ONNX cannot hold.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if hasattr(model, 'rpn_head') and hasattr(model, 'roi_head'):
+            raise ExportError(f'{type(model).__name__} is a two-stage detector: its tensor mode selects '
+                              'proposals with NMS and pools them with mmcv\'s RoI operations, which do not '
+                              'export; export its backbone with --backbone-only')
+        if not hasattr(model, '_forward'):
+            raise ExportError(f'{type(model).__name__} has no tensor mode (_forward): not an mmdet or mmseg '
+                              'model')
+        self.model = model
+        try:
+            from mmseg.models.utils import Upsample
+        except ImportError:  # pragma: no cover - mmseg is part of the stack
+            return
+        for module in model.modules():
+            factor = getattr(module, 'scale_factor', None)
+            integral = isinstance(factor, float) and factor.is_integer()
+            if isinstance(module, Upsample) and not module.size and integral:
+                module.forward = functools.partial(_integral_upsample, module)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(_flat(self.model._forward(image)))
 
 
 def export(model: nn.Module, shape: Sequence[int], fmt: str, out: str | os.PathLike,
@@ -111,12 +172,14 @@ def export(model: nn.Module, shape: Sequence[int], fmt: str, out: str | os.PathL
         raise ExportError(f'exporting to ONNX needs {", ".join(missing)}: pip install "mmpvt[deploy]" '
                           '(or make setup, which installs requirements-deploy.txt)')
     shape = tuple(int(s) for s in shape)
-    if dynamic and not all(MIN_SIDE <= side <= MAX_SIDE for side in shape[2:]):
-        raise ExportError(f'a dynamic export is traced at sides in [{MIN_SIDE}, {MAX_SIDE}]; got {shape[2:]}')
     model = model.eval()
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         output_shapes = [tuple(o.shape) for o in model(example)]
+    smallest = min_side(shape, output_shapes)
+    if dynamic and not all(smallest <= side <= MAX_SIDE for side in shape[2:]):
+        raise ExportError(f'a dynamic export of {type(model).__name__} is traced at sides in [{smallest}, '
+                          f'{MAX_SIDE}]; got {shape[2:]}')
     strides = getattr(model, 'out_strides', None)  # a DenseBackbone's; positions otherwise
     names = ([f'stride{s}' for s in strides] if strides and len(strides) == len(output_shapes)
              else [f'output{i}' for i in range(len(output_shapes))])
@@ -128,7 +191,8 @@ def export(model: nn.Module, shape: Sequence[int], fmt: str, out: str | os.PathL
     try:
         with torch.no_grad(), _size_oblivious(), contextlib.redirect_stdout(chatter):
             if fmt == 'pt2':
-                program = torch.export.export(model, (example,), dynamic_shapes=_dynamic_shapes(dynamic))
+                dynamic_shapes = _dynamic_shapes(dynamic, smallest)
+                program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
                 with warnings.catch_warnings():
                     # about weights that share storage (views of one tensor): saved whole
                     warnings.filterwarnings('ignore', 'No complete tensor found in the group')
@@ -136,12 +200,12 @@ def export(model: nn.Module, shape: Sequence[int], fmt: str, out: str | os.PathL
             else:
                 torch.onnx.export(model, (example,), out, dynamo=True, opset_version=ONNX_OPSET,
                                   input_names=['image'], output_names=names,
-                                  dynamic_shapes=_dynamic_shapes(dynamic), verbose=False)
+                                  dynamic_shapes=_dynamic_shapes(dynamic, smallest), verbose=False)
     except Exception as error:  # the exporters raise many types; the first line says what failed
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExportError(f'{fmt} export of {type(model).__name__} failed: {type(error).__name__}: {first}'
                           ) from error
-    return Artefact(out, fmt, shape, output_shapes, dynamic, names)
+    return Artefact(out, fmt, shape, output_shapes, dynamic, names, smallest)
 
 
 def load_runner(artefact: Artefact, threads: int | None = None) -> Callable[[torch.Tensor], list[np.ndarray]]:
@@ -163,16 +227,16 @@ def load_runner(artefact: Artefact, threads: int | None = None) -> Callable[[tor
     return lambda x: session.run(None, {input_name: x.numpy()})
 
 
-def check_sizes(shape: Sequence[int], dynamic: bool) -> list[tuple[int, ...]]:
+def check_sizes(shape: Sequence[int], dynamic: bool, smallest: int = MIN_SIDE) -> list[tuple[int, ...]]:
     """The input shapes an export is checked at: its own and, when dynamic, one non-square and
-    one with a side that is not a multiple of 32 (both within the dynamic range)."""
+    one with a side that is not a multiple of 32 (both within ``[smallest, MAX_SIDE]``)."""
     b, c, h, w = (int(s) for s in shape)
     if not dynamic:
         return [(b, c, h, w)]
     wide = (h, w + 64 if w + 64 <= MAX_SIDE else w - 64)
     if wide[0] == wide[1]:
         wide = (wide[0], wide[1] + 32 if wide[1] + 32 <= MAX_SIDE else wide[1] - 32)
-    odd = (h + 13 if h + 13 <= MAX_SIDE else h - 13, w - 7 if w - 7 >= MIN_SIDE else w + 7)
+    odd = (h + 13 if h + 13 <= MAX_SIDE else h - 13, w - 7 if w - 7 >= smallest else w + 7)
     return [(b, c, h, w), (b, c, *wide), (b, c, *odd)]
 
 

@@ -115,10 +115,29 @@ def test_tool_exports_a_zoo_backbone_and_proves_it_equal(fmt, tmp_path):
     assert lines[-1] == 'equal to the PyTorch model within 1e-04 of every map\'s scale'
 
 
-def test_tool_refuses_what_it_cannot_export_in_one_line(tmp_path):
-    result = run_tool('configs/retinanet_pvt_v2_b0.py', '--format', 'onnx', '--shape', '160', '224',
+@pytest.mark.parametrize('config, fmt, outputs', [
+    # class scores, then box deltas, at strides 8-128; RetinaNet's dynamic range starts at 129
+    ('retinanet_pvt_v2_b0.py', 'onnx', ['output0 [1, 720, 32, 40]', 'output9 [1, 36, 2, 3]', '[129, 4096]']),
+    # the logits at 1/4 of the input, through mmseg's Upsample x2 in the FPN head
+    ('fpn_pvt_v2_b0_ade20k.py', 'pt2', ['output0 [1, 150, 64, 80]', '[64, 4096]']),
+])
+def test_tool_exports_a_detectors_and_a_segmentors_tensor_mode(config, fmt, outputs, tmp_path):
+    """Backbone, neck and head outputs before post-processing, equal to PyTorch's at 256x320,
+    256x384 and 269x313 (mmseg's Upsample took the traced size's factor: 4.7e-2 off at 256x384
+    before its size was computed in integers)."""
+    out = tmp_path / f'model.{fmt}'
+    result = run_tool(f'configs/{config}', '--format', fmt, '--shape', '256', '320', '--dynamic',
+                      '--out', str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    described = next(line for line in result.stdout.splitlines() if line.startswith(str(out)))
+    assert all(part in described for part in outputs), described
+    assert result.stdout.splitlines()[-1] == 'equal to the PyTorch model within 1e-04 of every map\'s scale'
+
+
+def test_tool_refuses_a_two_stage_detector_in_one_line(tmp_path):
+    result = run_tool('configs/mask_rcnn_pvt_v2_b0.py', '--format', 'onnx', '--shape', '160', '224',
                       '--out', str(tmp_path / 'm.onnx'))
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [
-        'error: exporting a whole detector or segmentor is not supported yet: pass --backbone-only to export '
-        'its backbone']
+    assert result.stderr.strip().splitlines()[-1] == (
+        'error: MaskRCNN is a two-stage detector: its tensor mode selects proposals with NMS and pools them '
+        "with mmcv's RoI operations, which do not export; export its backbone with --backbone-only")

@@ -3,9 +3,12 @@
     python tools/deploy/export.py CONFIG [CHECKPOINT] --format onnx|pt2 --shape H W
                                   [--dynamic] [--backbone-only] --out FILE [--cfg-options ...]
 
-CHECKPOINT is the trained detector's or segmentor's (its backbone is taken); without it the
-backbone keeps its initialisation (a shape-only export). The artefact is traced at 1x3xHxW;
-with --dynamic its height and width are symbolic (64 to 4096 pixels). After writing it, the
+CHECKPOINT is the trained detector's or segmentor's; without it the model keeps its
+initialisation (a shape-only export). Exported: the backbone (--backbone-only), or the model's
+tensor mode (mmdet's and mmseg's ``_forward``: backbone, neck and head outputs before any
+post-processing; not for two-stage detectors, whose proposal stage does not export). The
+artefact is traced at 1x3xHxW; with --dynamic its height and width are symbolic (64 to 4096
+pixels; more at the low end where the coarsest output needs it: 129 for RetinaNet). After writing it, the
 tool runs it (onnxruntime on the CPU, or the loaded program) against the PyTorch model at the
 export size and, when dynamic, at a non-square size and one that is not a multiple of 32, and
 fails if any output map differs by more than 1e-4 of its scale. Exit status: 0 exported and
@@ -30,7 +33,8 @@ def parse_args() -> argparse.Namespace:
                         help='image height and width to trace at')
     parser.add_argument('--dynamic', action='store_true',
                         help=f'height and width symbolic, {deploy.MIN_SIDE} to {deploy.MAX_SIDE} pixels')
-    parser.add_argument('--backbone-only', action='store_true', help='export the backbone alone')
+    parser.add_argument('--backbone-only', action='store_true',
+                        help='export the backbone alone (default: the tensor mode of the whole model)')
     parser.add_argument('--out', type=Path, required=True, help='the file to write')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, e.g. model.backbone.arch=b1')
@@ -39,21 +43,19 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if not args.backbone_only:
-        raise cli.LaunchError('exporting a whole detector or segmentor is not supported yet: pass '
-                              '--backbone-only to export its backbone')
     if missing := deploy.missing_packages(args.format):
         raise cli.LaunchError(f'exporting to ONNX needs {", ".join(missing)}: pip install "mmpvt[deploy]"')
     cfg = cli.load_config(args.config, args.cfg_options)
     from mmpvt.apis import build_model
-    model = build_model(cfg, args.checkpoint).backbone
+    model = build_model(cfg, args.checkpoint)
     if args.checkpoint is None:
-        print('no checkpoint: the backbone keeps its initialisation (pass CHECKPOINT for trained weights)')
+        print('no checkpoint: the model keeps its initialisation (pass CHECKPOINT for trained weights)')
     try:
+        model = model.backbone if args.backbone_only else deploy.TensorMode(model)
         artefact = deploy.export(model, (1, 3, *args.shape), args.format, args.out, args.dynamic)
         print(artefact.describe())
-        results = deploy.parity(model, deploy.load_runner(artefact), deploy.check_sizes(artefact.input_shape,
-                                                                                         args.dynamic))
+        sizes = deploy.check_sizes(artefact.input_shape, args.dynamic, artefact.min_side)
+        results = deploy.parity(model, deploy.load_runner(artefact), sizes)
     except deploy.ExportError as error:
         raise cli.LaunchError(str(error)) from None
     worst = 0.
