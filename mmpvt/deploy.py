@@ -258,3 +258,65 @@ def parity(model: nn.Module, run: Callable[[torch.Tensor], list[np.ndarray]],
         errors = [float(np.abs(g - e).max() / max(np.abs(e).max(), 1e-12)) for g, e in zip(got, expected)]
         results.append((tuple(shape), errors))
     return results
+
+
+# -- running an export inside mmdet's and mmseg's prediction ----------------------------------
+def runner_for_file(path: str | os.PathLike, threads: int | None = None) -> Callable[[torch.Tensor], list]:
+    """:func:`load_runner` for a file on disk: ``.onnx`` (onnxruntime) or ``.pt2``."""
+    path = Path(path)
+    fmt = {'.onnx': 'onnx', '.pt2': 'pt2'}.get(path.suffix)
+    if fmt is None:
+        raise ExportError(f'{path}: an exported model is a .onnx or a .pt2 file')
+    if not path.is_file():
+        raise ExportError(f'{path}: no such exported model')
+    if missing := missing_packages(fmt):
+        raise ExportError(f'running an ONNX model needs {", ".join(missing)}: pip install "mmpvt[deploy]"')
+    return load_runner(Artefact(path, fmt, (), [], False), threads)
+
+
+def predict_with_export(model: nn.Module, path: str | os.PathLike) -> None:
+    """Makes ``model.predict`` run its tensor mode from the exported file at ``path`` and the
+    rest as mmdet or mmseg would: a single-stage detector's ``bbox_head.predict_by_feat``
+    (box decoding, score threshold, NMS, rescaling) or a segmentor's ``predict_by_feat`` and
+    ``postprocess_result`` (resizing, argmax). The model's own weights are not used for the
+    tensor mode; its configuration drives the post-processing.
+    """
+    run = runner_for_file(path)
+    head = getattr(model, 'bbox_head', None)
+    if head is not None:
+        if hasattr(model, 'roi_head') or not hasattr(head, 'prior_generator'):
+            raise ExportError(f'{type(model).__name__}: only single-stage detectors with per-level dense '
+                              'outputs run from an export')
+        levels = head.prior_generator.num_levels
+        scores = head.cls_out_channels * head.num_base_priors  # channels of the first output
+
+        def predict_detections(inputs: torch.Tensor, data_samples: list, rescale: bool = True) -> list:
+            outputs = [torch.from_numpy(np.asarray(o)) for o in run(inputs.float().cpu())]
+            if len(outputs) % levels or outputs[0].dim() != 4 or outputs[0].shape[1] != scores:
+                raise ExportError(f'{path} is not this detector\'s tensor mode: {len(outputs)} outputs, the '
+                                  f'first {list(outputs[0].shape)}; expected groups of {levels} levels, '
+                                  f'class scores first ({scores} channels); export it without '
+                                  '--backbone-only')
+            groups = [outputs[i:i + levels] for i in range(0, len(outputs), levels)]
+            metas = [sample.metainfo for sample in data_samples]
+            results = head.predict_by_feat(*groups, batch_img_metas=metas, rescale=rescale)
+            return model.add_pred_to_datasample(data_samples, results)
+        model.predict = predict_detections
+        return
+    if not hasattr(model, 'decode_head'):
+        raise ExportError(f'{type(model).__name__}: not an mmdet single-stage detector or an mmseg segmentor')
+    if model.test_cfg.get('mode', 'whole') != 'whole':
+        raise ExportError(f'the exported segmentor runs whole-image inference; the config asks for '
+                          f'{model.test_cfg["mode"]!r} (set model.test_cfg.mode=whole)')
+
+    def predict_segmentation(inputs: torch.Tensor, data_samples: list | None = None) -> list:
+        outputs = run(inputs.float().cpu())
+        logits = torch.from_numpy(np.asarray(outputs[0]))
+        if len(outputs) != 1 or logits.dim() != 4 or logits.shape[1] != model.decode_head.out_channels:
+            raise ExportError(f'{path} is not this segmentor\'s tensor mode: {len(outputs)} outputs, the '
+                              f'first {list(logits.shape)}; expected one map of '
+                              f'{model.decode_head.out_channels} class logits; export it without '
+                              '--backbone-only')
+        metas = [sample.metainfo for sample in data_samples]
+        return model.postprocess_result(model.decode_head.predict_by_feat(logits, metas), data_samples)
+    model.predict = predict_segmentation

@@ -240,3 +240,79 @@ def test_cli_mismatch_is_one_error_line(untrained_checkpoint, tmp_path):
     assert last.startswith(f'error: {untrained_checkpoint} does not fit the EncoderDecoder of this config: ')
     assert ' has shape (' in last and ' in the checkpoint and (' in last
     assert not (tmp_path / 'out').exists()
+
+
+# -- an export in place of the PyTorch backbone, neck and head ---------------------------------
+def export_tensor_mode(config: Path, checkpoint: Path, out: Path, *options: str) -> None:
+    result = run([TOOLS / 'deploy' / 'export.py', config, checkpoint, '--format', out.suffix[1:],
+                  '--shape', 128, 128, '--out', out, *options], cwd=out.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def predictions(folder: Path, config: Path, checkpoint: Path, out_dir: Path, *options) -> dict:
+    out = run([TOOLS / 'infer.py', folder, config, checkpoint, '--out-dir', out_dir, '--device', 'cpu',
+               *options], cwd=out_dir.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads((out_dir / 'predictions.json').read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('backend, suffix', [('onnxruntime', '.onnx'), ('torch.export', '.pt2')])
+def test_detector_export_predicts_what_pytorch_predicts(backend, suffix, detector, workspace):
+    """The trained RetinaNet's tensor mode exported (static 128x128: RetinaNet's stride-128 level
+    needs 129 pixels for a dynamic export) and run between mmdet's pre- and post-processing on
+    the synthetic val images: the same detections, boxes within 1e-3 px, scores within 1e-4."""
+    root = workspace / f'det_export_{backend}'
+    root.mkdir()
+    model = root / f'retinanet{suffix}'
+    export_tensor_mode(DEMO_CONFIGS['retinanet'], detector, model)
+    folder = workspace / 'data/synthetic/coco/val2017'
+    eager = predictions(folder, DEMO_CONFIGS['retinanet'], detector, root / 'eager', *KEEP_ALL)
+    exported = predictions(folder, DEMO_CONFIGS['retinanet'], detector, root / 'exported',
+                           '--backend', backend, '--model', model, *KEEP_ALL)
+    assert len(eager['images']) == len(exported['images']) == 2
+    if backend == 'onnxruntime':  # the file is what runs: the backbone's outputs are refused
+        backbone = root / 'backbone.onnx'
+        export_tensor_mode(DEMO_CONFIGS['retinanet'], detector, backbone, '--backbone-only')
+        out = run([TOOLS / 'infer.py', folder, DEMO_CONFIGS['retinanet'], detector, '--out-dir', root / 'bad',
+                   '--device', 'cpu', '--backend', backend, '--model', backbone], cwd=root)
+        assert out.returncode == 1
+        assert f'error: {backbone} is not this detector\'s tensor mode: 4 outputs' in out.stderr, out.stderr
+    for a, b in zip(eager['images'], exported['images']):
+        assert a['instances'] and [i['label'] for i in a['instances']] == [i['label'] for i in b['instances']]
+        for i, j in zip(a['instances'], b['instances']):
+            assert abs(i['score'] - j['score']) <= 1e-4
+            assert np.abs(np.subtract(i['bbox'], j['bbox'])).max() <= 1e-3
+
+
+def test_segmentor_export_draws_the_same_maps(segmentor, workspace):
+    """The trained Semantic FPN exported with dynamic sizes (traced at 128x128) and run between
+    mmseg's pre- and post-processing, on the val images and one of another shape: the same
+    classes and pixel counts, and the same drawings pixel for pixel."""
+    root = workspace / 'seg_export'
+    root.mkdir()
+    model = root / 'fpn.onnx'
+    export_tensor_mode(DEMO_CONFIGS['fpn'], segmentor, model, '--dynamic')
+    folder = root / 'images'
+    val = workspace / 'data/synthetic/ade/ADEChallengeData2016/images/validation'
+    image_folder(sorted(val.glob('*.jpg')), folder)
+    eager = predictions(folder, DEMO_CONFIGS['fpn'], segmentor, root / 'eager')
+    exported = predictions(folder, DEMO_CONFIGS['fpn'], segmentor, root / 'exported',
+                           '--backend', 'onnxruntime', '--model', model)
+    assert [r['classes'] for r in eager['images']] == [r['classes'] for r in exported['images']]
+    for record in eager['images']:
+        drawn = [cv2.imread(str(root / side / record['drawing'])) for side in ('eager', 'exported')]
+        assert np.array_equal(*drawn), record['drawing']
+
+
+@pytest.mark.parametrize('options, message', [
+    (['--backend', 'onnxruntime'], '--backend onnxruntime runs an exported .onnx file: pass it as --model'),
+    (['--backend', 'torch.export', '--model', 'm.onnx'], '--backend torch.export runs an exported .pt2 file'),
+    (['--model', 'm.onnx'], '--model is an exported file for --backend onnxruntime or torch.export'),
+])
+def test_cli_backend_without_its_file_is_one_error_line(options, message, untrained_checkpoint, tmp_path):
+    image = tmp_path / 'a.png'
+    cv2.imwrite(str(image), np.zeros((32, 32, 3), np.uint8))
+    out = run([TOOLS / 'infer.py', image, DEMO_CONFIGS['retinanet'], untrained_checkpoint, '--device', 'cpu',
+               *options], cwd=tmp_path)
+    assert out.returncode == 1 and out.stderr.strip().startswith(f'error: {message}'), out.stderr

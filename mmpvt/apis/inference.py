@@ -165,16 +165,23 @@ class ImagePredictor:
             model's shape).
         device: ``'cpu'``, ``'cuda'`` or ``'cuda:N'``.
         score_thr: detections scoring lower are neither drawn nor recorded (detectors only).
+        exported: an export of the model's tensor mode (``tools/deploy/export.py``; ``.onnx``,
+            run by onnxruntime on the CPU, or ``.pt2``) that runs in place of the PyTorch
+            backbone, neck and head; pre- and post-processing stay mmdet's or mmseg's
+            (:func:`mmpvt.deploy.predict_with_export`).
     """
 
     def __init__(self, cfg: Config, checkpoint: str | os.PathLike, device: str = 'cpu',
-                 score_thr: float = 0.3) -> None:
+                 score_thr: float = 0.3, exported: str | os.PathLike | None = None) -> None:
         self.scope = cfg.get('default_scope', 'mmdet')
         self.score_thr = score_thr
         inferencer = _checked_inferencer(self.scope)
         # The inferencer works on its own (deep) copy of the config.
         self.inferencer = inferencer(model=cfg, weights=str(checkpoint), device=device, scope=self.scope)
         self.inferencer.show_progress = False  # the tool shows one bar for all batches
+        if exported is not None:
+            from ..deploy import predict_with_export
+            predict_with_export(self.inferencer.model, exported)
         self.classes = list(self.inferencer.model.dataset_meta.get('classes') or [])
 
     @property
