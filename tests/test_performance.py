@@ -169,6 +169,22 @@ def test_benchmark_harness_smoke(python):
     assert all(float(x) > 0 for x in ops['all operators'].split('|')[2:5])
 
 
+def test_benchmark_harness_times_the_onnxruntime_export_beside_eager(python):
+    """The deployment row: PVTv2-b0 exported to ONNX at the input's shape and run by
+    onnxruntime, timed interleaved with the eager model, with its peak memory; a training step
+    or a second shape is refused."""
+    harness = [python, 'tools/analysis/benchmark_backbone.py', '--arch', 'b0', '--impls', 'mmpvt',
+               '--backend', 'onnxruntime', '--repeat', '1']
+    out = subprocess.run([*harness, '--shape', '1', '3', '96', '128', '--memory'], cwd=ROOT_DIR,
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith('| ') and 'implementation' not in line]
+    assert [row.split('|')[1].strip() for row in rows] == ['mmpvt', 'onnxruntime']
+    assert all(float(row.split('|')[4]) > 0 and float(row.split('|')[7]) >= 0 for row in rows)
+    refused = subprocess.run([*harness, '--shape', '1', '3', '96', '128', '--mode', 'train'], cwd=ROOT_DIR,
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and '--backend onnxruntime times fp32 inference' in refused.stderr
+
+
 def test_benchmark_harness_times_vitdet_against_timms_sam_encoder(python):
     out = subprocess.run(
         [python, 'tools/analysis/benchmark_backbone.py', '--arch', 'vitdet_tiny',

@@ -7,6 +7,8 @@
     python tools/analysis/benchmark_backbone.py --arch mvitv1_b16 --shape 1 3 224 224 --repeat 20
     python tools/analysis/benchmark_backbone.py --arch b2 --shape 2 3 512 512 --mode train --memory
     python tools/analysis/benchmark_backbone.py --arch b2 --shape 1 3 800 1333 --detector
+    python tools/analysis/benchmark_backbone.py --arch b2 --shape 1 3 800 1344 --impls mmpvt \
+        --backend onnxruntime
     python tools/analysis/benchmark_backbone.py --arch b2 --shape 2 3 512 512 --mode train \
         --keep-freed-memory --op-times
 
@@ -32,7 +34,9 @@ configured as the 2-D v1 model (its trunk up to the final norm), built for the i
 is built for one input size (its relative-position tables are sized from it and never
 resized), so its row is built with ``img_size`` equal to the input's and only for what it can
 run: one square size, a multiple of 32, in the classification layout; otherwise, and for
-several input sizes in one run, it is left out. ``--detector`` times a
+several input sizes in one run, it is left out. ``--backend onnxruntime`` adds a
+row: mmpvt's model exported to ONNX at the input's shape (``mmpvt.deploy``) and run by
+onnxruntime's CPU provider with the same thread count (fp32 inference). ``--detector`` times a
 whole RetinaNet (mmdet's PVTv2-b2 config) with mmpvt's backbone against the same detector with
 mmdet's built-in one. ``--op-times`` adds
 each implementation's time per operator, ``--keep-freed-memory`` runs all of them with glibc
@@ -279,10 +283,41 @@ def build_torchvision(arch: str, with_cp: bool, *,
     return TorchvisionMViTTrunk(arch[len(MVIT_V1):], (h, w))
 
 
+class OnnxRuntimeBackbone(torch.nn.Module):
+    """An exported backbone run by onnxruntime (``mmpvt.deploy.load_runner``), as a module."""
+
+    def __init__(self, run: Callable[[torch.Tensor], list]) -> None:
+        super().__init__()
+        self.run = run
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.from_numpy(out) for out in self.run(x))
+
+
+def build_onnxruntime(args: argparse.Namespace) -> torch.nn.Module:
+    """mmpvt's model of the run exported to ONNX at the run's input shape (``mmpvt.deploy``,
+    static shapes, as a deployment at one size runs) and run by onnxruntime's CPU provider
+    with torch's thread count. The file is read into the session and then deleted."""
+    import shutil
+    import tempfile
+
+    from mmpvt import deploy
+    model = build('mmpvt', args, with_cp=False).eval()
+    workdir = Path(tempfile.mkdtemp(prefix='mmpvt-onnxruntime-'))
+    try:
+        artefact = deploy.export(model, tuple(args.shape[0]), 'onnx', workdir / 'backbone.onnx',
+                                 log=lambda line: None)
+        return OnnxRuntimeBackbone(deploy.load_runner(artefact, threads=torch.get_num_threads()))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def build(name: str, args: argparse.Namespace, with_cp: bool | None = None) -> torch.nn.Module | None:
     """Implementation ``name`` for the run's arch (``with_cp`` defaults to the run's); None
     where it has no such model."""
     with_cp = args.with_cp if with_cp is None else with_cp
+    if name == 'onnxruntime':
+        return build_onnxruntime(args)
     if args.detector:
         return build_retinanet(name)
     if args.arch.startswith(MVIT) and name in MVIT_ROWS:
@@ -494,6 +529,7 @@ def op_times_table(rows: dict[str, dict[str, Any]], repeat: int, top: int = 15, 
 def run(args: argparse.Namespace) -> str:
     torch.manual_seed(0)
     names = [n for n in (['mmpvt', 'mmdet'] if args.detector else list(BUILDERS)) if n in args.impls]
+    names += ['onnxruntime'] if args.backend == 'onnxruntime' else []
     shapes = [tuple(shape) for shape in args.shape]
     inputs = {shape: torch.randn(shape, device=args.device) for shape in shapes}
     # One row per implementation x eager/compiled x dtype x shape, all timed interleaved.
@@ -587,8 +623,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--keep-freed-memory', action='store_true',
                         help='CPU: glibc keeps freed memory for reuse, as tools/train.py sets it '
                              '(for every implementation alike; not in the --memory probes)')
+    parser.add_argument('--backend', choices=['onnxruntime'],
+                        help='add a row: mmpvt\'s model exported to ONNX and run by onnxruntime (CPU, '
+                             'fp32 inference at one input shape)')
     parser.add_argument('--memory-probe', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    one_shape = len(args.shape or [None]) == 1
+    if args.backend and (args.device != 'cpu' or args.mode != 'infer' or args.dtype != ['fp32']
+                         or args.detector or args.compile or not one_shape):
+        parser.error('--backend onnxruntime times fp32 inference of the backbone on the CPU at one --shape '
+                     '(no --mode train, --dtype bf16, --detector or --compile)')
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error(f'--device cuda: no CUDA device is available here (torch.cuda.is_available() is '
                      f'False; torch {torch.__version__}, built for CUDA {torch.version.cuda or "none"}); '
