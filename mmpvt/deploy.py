@@ -187,9 +187,10 @@ def export(model: nn.Module, shape: Sequence[int], fmt: str, out: str | os.PathL
     out.parent.mkdir(parents=True, exist_ok=True)
     log(f'exporting {type(model).__name__} to {fmt}, traced at {list(shape)}'
         + (' with dynamic height and width' if dynamic else ''))
-    chatter = io.StringIO()  # the exporters' own step lines; shown only when they fail
+    chatter = io.StringIO()  # the exporters' own step lines and notices, not the tool's output
     try:
-        with torch.no_grad(), _size_oblivious(), contextlib.redirect_stdout(chatter):
+        with torch.no_grad(), _size_oblivious(), contextlib.redirect_stdout(chatter), \
+                contextlib.redirect_stderr(chatter):
             if fmt == 'pt2':
                 dynamic_shapes = _dynamic_shapes(dynamic, smallest)
                 program = torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
