@@ -31,6 +31,9 @@ setup(
     # mmcv must carry its compiled ops (nms, RoIAlign): PyPI has only its source, so
     # tools/setup_env.sh builds it; pip would otherwise build it without ops or fail.
     install_requires=[
+        # mmengine 0.10 resolves the configs' 'mmdet::' / 'mmseg::' bases through
+        # pkg_resources, which setuptools 81 removed (as requirements.txt pins it)
+        'setuptools>=77.0.3,<81',
         'torch>=2.0',
         'torchvision',
         'mmengine>=0.10.0,<1.0.0',

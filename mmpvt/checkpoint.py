@@ -88,8 +88,17 @@ def _is_url(filename: str) -> bool:
     return urllib.parse.urlparse(filename).scheme in ('http', 'https', 'file')
 
 
-def download(url: str, model_dir: str | os.PathLike | None = None) -> Path:
-    """Downloads ``url`` once into torch's hub cache (with a progress bar) and returns the path."""
+# What a run can do instead when a weights file cannot be downloaded (no network).
+RUN_OFFLINE_ADVICE = ('point the config at a local copy, or train from scratch with --cfg-options '
+                      'model.backbone.init_cfg=None')
+
+
+def download(url: str, model_dir: str | os.PathLike | None = None, advice: str = RUN_OFFLINE_ADVICE) -> Path:
+    """Downloads ``url`` once into torch's hub cache (with a progress bar) and returns the path.
+
+    A failed download raises CheckpointError saying where to place the file by hand and what
+    else to do (``advice``: a run's choices by default; a tool gives its own).
+    """
     model_dir = Path(model_dir or Path(torch.hub.get_dir()) / 'checkpoints')
     path = model_dir / Path(urllib.parse.urlparse(url).path).name
     if path.exists():
@@ -98,9 +107,8 @@ def download(url: str, model_dir: str | os.PathLike | None = None) -> Path:
     try:
         torch.hub.download_url_to_file(url, str(path), progress=True)
     except Exception as exc:  # urllib raises several unrelated types
-        raise CheckpointError(
-            f'could not download {url} ({exc}). Place the file at {path}, point the config at a '
-            "local copy, or train from scratch with --cfg-options model.backbone.init_cfg=None") from exc
+        raise CheckpointError(f'could not download {url} ({exc}). Place the file at {path}, '
+                              f'{advice}') from exc
     return path
 
 
@@ -251,8 +259,11 @@ class CheckpointFormat:
         return state
 
 
-def load_checkpoint_file(filename: str | os.PathLike, map_location: Any = 'cpu') -> dict[str, Any]:
+def load_checkpoint_file(filename: str | os.PathLike, map_location: Any = 'cpu',
+                         offline_advice: str = RUN_OFFLINE_ADVICE) -> dict[str, Any]:
     """Reads a checkpoint (a path or an http(s)/file URL) with ``weights_only=True``.
+
+    A URL is downloaded once (:func:`download`, with ``offline_advice`` for when it cannot be).
 
     A ``.pkl`` file is read as a pickle of numpy arrays (detectron2's model zoo), which
     builds numpy arrays and nothing else; its arrays come back as CPU tensors.
@@ -263,7 +274,7 @@ def load_checkpoint_file(filename: str | os.PathLike, map_location: Any = 'cpu')
             outside the allow-list (such a file could run code when unpickled).
     """
     filename = str(filename)
-    path = download(filename) if _is_url(filename) else Path(filename)
+    path = download(filename, advice=offline_advice) if _is_url(filename) else Path(filename)
     if not path.is_file():
         raise FileNotFoundError(f'checkpoint not found: {path}')
     try:

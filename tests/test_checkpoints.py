@@ -7,6 +7,7 @@ randomly initialised weights are written in each layout, loaded through the back
 import functools
 import http.server
 import logging
+import os
 import re
 import subprocess
 import threading
@@ -305,6 +306,18 @@ def test_failed_download_names_url_and_how_to_skip(http_server, tmp_path, monkey
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
     with pytest.raises(CheckpointError, match=r'could not download .*/missing\.pth.*init_cfg=None'):
         load_through_init_cfg(PVTv2, 'b0', f'{url}/missing.pth')
+
+
+def test_convert_checkpoint_cli_advises_its_own_way_round_a_failed_download(http_server, tmp_path, python):
+    """The tool takes no --cfg-options: its offline advice is the local file, not a config key."""
+    _, url = http_server
+    result = subprocess.run(
+        [python, 'tools/convert_checkpoint.py', f'{url}/missing.pth', str(tmp_path / 'out.pth')],
+        cwd=ROOT_DIR, capture_output=True, text=True, env={**os.environ, 'TORCH_HOME': str(tmp_path / 'hub')})
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f'error: could not download {url}/missing.pth') and '--cfg-options' not in error
+    assert error.endswith('or download it by hand and give this tool the local file'), error
 
 
 def test_convert_checkpoint_cli(tmp_path, python):

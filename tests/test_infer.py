@@ -15,6 +15,7 @@ import torch
 from mmpvt.apis import (
     ImagePredictor,
     build_model,
+    check_checkpoint_fits,
     detection_record,
     find_images,
     output_names,
@@ -206,6 +207,20 @@ def test_checkpoint_of_another_head_is_refused_naming_key_and_shapes(untrained_c
     assert expected in str(info.value)
 
 
+def test_backbone_checkpoint_is_named_as_such_with_the_way_to_use_it(tmp_path):
+    """A backbone's weights given where a trained detector's belong: not 'lacks N of N tensors'
+    but what the file is, where it goes instead (init_cfg), and what testing needs."""
+    model = build_model(load_config(DEMO_CONFIGS['retinanet']))
+    path = tmp_path / 'pvt_v2_b0_backbone.pth'
+    torch.save(model.backbone.state_dict(), path)
+    with pytest.raises(LaunchError) as info:
+        check_checkpoint_fits(model, path)
+    message = str(info.value)
+    assert message.startswith(f'{path} holds no backbone.* tensors: it is a backbone or classification')
+    assert f'--cfg-options model.backbone.init_cfg.checkpoint={path}' in message
+    assert 'tools/convert_checkpoint.py' in message and 'lacks' not in message
+
+
 def test_checkpoint_lacking_tensors_is_refused(untrained_checkpoint, tmp_path):
     checkpoint = torch.load(untrained_checkpoint, weights_only=True)
     state = checkpoint['state_dict']
@@ -316,3 +331,12 @@ def test_cli_backend_without_its_file_is_one_error_line(options, message, untrai
     out = run([TOOLS / 'infer.py', image, DEMO_CONFIGS['retinanet'], untrained_checkpoint, '--device', 'cpu',
                *options], cwd=tmp_path)
     assert out.returncode == 1 and out.stderr.strip().startswith(f'error: {message}'), out.stderr
+
+
+def test_cli_counts_one_drawing_in_the_singular(untrained_checkpoint, tmp_path):
+    image = tmp_path / 'a.png'
+    cv2.imwrite(str(image), np.zeros((64, 64, 3), np.uint8))
+    out = run([TOOLS / 'infer.py', image, DEMO_CONFIGS['retinanet'], untrained_checkpoint, '--device', 'cpu',
+               '--out-dir', tmp_path / 'out'], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"wrote 1 drawing and {tmp_path / 'out' / 'predictions.json'} (detection)" in out.stdout

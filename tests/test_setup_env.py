@@ -422,3 +422,16 @@ def test_toolkit_root_sees_through_an_nvcc_wrapper(tmp_path):
     wrapper.write_text(f'#!/bin/sh\necho "#$ TOP={toolkit}/bin/.." >&2\n')
     assert setup_env.toolkit_root(str(real)) == toolkit
     assert setup_env.toolkit_root(str(wrapper)) == toolkit.resolve()
+
+
+def test_the_package_declares_the_setuptools_its_configs_need():
+    """`pip install .` alone must not pull a setuptools without pkg_resources (81 and later),
+    which mmengine needs to read the configs' mmdet:: and mmseg:: bases: setup.py asks for
+    the same range as requirements.txt."""
+    import ast
+    lines = (ROOT / 'requirements.txt').read_text().splitlines()
+    requirement = next(line.split('#')[0].strip() for line in lines if line.startswith('setuptools'))
+    calls = [node for node in ast.walk(ast.parse((ROOT / 'setup.py').read_text()))
+             if isinstance(node, ast.Call) and getattr(node.func, 'id', '') == 'setup']
+    install_requires = next(k.value for k in calls[0].keywords if k.arg == 'install_requires')
+    assert requirement in [element.value for element in install_requires.elts]

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                         help='backbone family of the checkpoint (default: detected from its keys)')
     args = parser.parse_args(argv)
     try:
-        checkpoint = load_checkpoint_file(args.src)
+        offline = 'or download it by hand and give this tool the local file'
+        checkpoint = load_checkpoint_file(args.src, offline_advice=offline)
         name = args.type or detect_family(checkpoint, formats)
         fmt = formats[name]
         source = fmt.unwrap(checkpoint)

@@ -126,7 +126,8 @@ def main() -> None:
         summary['score_thr'] = args.score_thr
     json_file = args.out_dir / 'predictions.json'
     json_file.write_text(json.dumps(summary, indent=1))
-    print(f'\nwrote {len(records)} drawings and {json_file} ({predictor.task}) to {args.out_dir}/')
+    drawings = f'{len(records)} drawing' + ('s' if len(records) != 1 else '')
+    print(f'\nwrote {drawings} and {json_file} ({predictor.task}) to {args.out_dir}/')
 
 
 if __name__ == '__main__':

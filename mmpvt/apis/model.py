@@ -63,7 +63,16 @@ def _fitting_state(model: nn.Module, checkpoint: str | os.PathLike
     return path, state, missing, unexpected
 
 
-def _missing_keys_error(path: Any, missing: Sequence[str], model: nn.Module) -> LaunchError:
+def _missing_keys_error(path: Any, missing: Sequence[str], model: nn.Module,
+                        state: Mapping[str, Any]) -> LaunchError:
+    if hasattr(model, 'backbone') and state and not any(key.startswith('backbone.') for key in state):
+        # A detector's or segmentor's checkpoint holds its backbone under 'backbone.'.
+        return LaunchError(
+            f'{path} holds no backbone.* tensors: it is a backbone or classification checkpoint (ImageNet '
+            f'weights: timm\'s, the authors\'), not one of this {type(model).__name__}. Such weights start a '
+            f'training run: --cfg-options model.backbone.init_cfg.checkpoint={path} (any layout the family '
+            'reads; tools/convert_checkpoint.py converts one ahead). Testing and inference need the '
+            'checkpoint a training run wrote (work_dirs/<config>/epoch_*.pth or iter_*.pth)')
     return LaunchError(
         f'{path} lacks {len(missing)} of the {len(model.state_dict())} tensors of the '
         f'{type(model).__name__} of this config ({_listed(missing)}); they would stay random '
@@ -81,9 +90,9 @@ def check_checkpoint_fits(model: nn.Module, checkpoint: str | os.PathLike) -> No
     from mmengine.model import is_model_wrapper
 
     model = model.module if is_model_wrapper(model) else model
-    path, _, missing, _ = _fitting_state(model, checkpoint)
+    path, state, missing, _ = _fitting_state(model, checkpoint)
     if missing:
-        raise _missing_keys_error(path, missing, model)
+        raise _missing_keys_error(path, missing, model, state)
 
 
 def load_model_checkpoint(model: nn.Module, checkpoint: str | os.PathLike,
@@ -119,7 +128,7 @@ def load_model_checkpoint(model: nn.Module, checkpoint: str | os.PathLike,
     print_log(f'{name}: unexpected keys: {", ".join(unexpected) if unexpected else "none"}', logger,
               level=logging.WARNING if unexpected else logging.INFO)
     if missing and missing_keys == 'error':
-        raise _missing_keys_error(path, missing, model)
+        raise _missing_keys_error(path, missing, model, state)
     model.load_state_dict(state, strict=False)
     return {'missing': missing, 'unexpected': unexpected}
 
