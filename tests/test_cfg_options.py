@@ -44,6 +44,21 @@ def test_misspelt_loop_argument_is_refused_naming_the_right_one():
     assert 'did you mean max_iters' in message
 
 
+def test_a_new_loop_type_refuses_the_old_loops_keys_and_says_how_to_replace_them():
+    """An epoch config switched to iterations: mmengine would stop with a TypeError about
+    max_epochs; one line names the kept key, the way out and the new loop's arguments."""
+    epochs = ROOT / 'configs' / 'retinanet_pvt_v2_b0.py'
+    message = refused(epochs, 'train_cfg.type=IterBasedTrainLoop', 'train_cfg.max_iters=100')
+    assert message == (
+        "--cfg-options train_cfg.type=IterBasedTrainLoop: train_cfg keeps 'max_epochs' from the config's "
+        'EpochBasedTrainLoop, which IterBasedTrainLoop does not take; replace the whole dict with '
+        "train_cfg._delete_=True and IterBasedTrainLoop's own keys (its arguments: max_iters, val_begin, "
+        'val_interval, dynamic_intervals)')
+    cfg = load_config(epochs, parse('train_cfg._delete_=True', 'train_cfg.type=IterBasedTrainLoop',
+                                    'train_cfg.max_iters=100', 'train_cfg.val_interval=50'))
+    assert cfg.train_cfg == dict(type='IterBasedTrainLoop', max_iters=100, val_interval=50)
+
+
 def test_misspelt_part_of_the_model_is_refused():
     message = refused(RETINANET, 'model.bakcbone.x=1')
     assert "model builds RetinaNet, which takes no argument 'bakcbone'" in message

@@ -205,3 +205,42 @@ def check_cfg_options(cfg: Config, options: Mapping[str, Any]) -> None:
                 raise LaunchError(f'--cfg-options key {key}: {where} is {node!r} in the config, not a dict; '
                                   f'to put a dict there, add {where}._delete_=True')
             break
+    for key, value in options.items():
+        if key.endswith('.type'):
+            _check_kept_keys(key[:-len('.type')], value, top, options, scope)
+
+
+def _check_kept_keys(where: str, type_: Any, top: Mapping[str, Any], options: Mapping[str, Any],
+                     scope: str) -> None:
+    """A type changed by an override keeps the dict's other keys, written for the old type
+    (``train_cfg.type=IterBasedTrainLoop`` keeps an epoch loop's ``max_epochs``, and mmengine
+    stops with a TypeError about it): refuses a kept key the new type does not take, naming
+    it and the new type's arguments, unless the options replace the dict (``_delete_``)."""
+    if f'{where}._delete_' in options:
+        return
+    node: Any = top
+    for part in where.split('.'):
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return  # a new dict: every key of it was checked as a new key
+    if not isinstance(node, Mapping):
+        return
+    targets = _resolve_types(type_, scope)
+    accepted = [_parameters(target) for target in targets]
+    if not targets or any(names is None for names in accepted):
+        return  # unknown to the registries, or takes any keyword
+    allowed = [name for names in accepted for name in names]
+    kept = [name for name in node  # '_scope_' and the like are mmengine's own
+            if not name.startswith('_') and name != 'type' and f'{where}.{name}' not in options
+            and name not in allowed]
+    if kept:
+        old = node.get('type')
+        old = old if isinstance(old, str) else getattr(old, '__name__', str(old))
+        arguments = ', '.join(name for name in dict.fromkeys(allowed) if name not in ('runner', 'dataloader'))
+        raise LaunchError(
+            f'--cfg-options {where}.type={type_}: {where} keeps {", ".join(map(repr, kept))} from the '
+            f'config\'s {old}, which {type_} does not take; replace the whole dict with '
+            f'{where}._delete_=True and {type_}\'s own keys (its arguments: {arguments})')
