@@ -296,28 +296,31 @@ PAGE_FAULTS_OF_A_REUSED_BLOCK = '''
 import resource, sys, torch
 from mmpvt.cli import keep_freed_memory
 kept = sys.argv[1] == "keep" and keep_freed_memory()
-def cycle():  # a 64 MiB block, above glibc's largest mmap threshold, written then freed
+faults = []
+for _ in range(40):  # a 64 MiB block, above glibc's largest mmap threshold, written then freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(64 << 18).sum()
-for _ in range(3):  # as the first training steps: the heap reaches its high-water mark
-    cycle()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-cycle()
-print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, *faults)
 '''
 
 
 @pytest.mark.skipif(os.confstr('CS_GNU_LIBC_VERSION') is None, reason='glibc only')
 @pytest.mark.parametrize('mode', ['keep', 'default', 'opted-out'])
 def test_keep_freed_memory_reuses_a_freed_block_without_page_faults(mode):
-    """A 64 MiB block allocated again after three rounds: faulted in page by page each time
-    by default (about 16k faults), served by freed memory with keep_freed_memory()."""
+    """A 64 MiB block allocated and freed 40 times: faulted in page by page every time by default
+    (about 16k faults), served by freed memory with keep_freed_memory() once the heap has reached
+    its high-water mark. That takes a varying number of rounds (2 to 9 in 60 runs): each aligned
+    allocation leaves a small remainder beside its block, glibc's thread cache keeps it, and the
+    freed block cannot merge into the top of the heap until that cache's bin is full. So the
+    steady state is checked, the last 20 rounds, not a fixed early round."""
     env = {**os.environ, 'MMPVT_KEEP_FREED_MEMORY': '0' if mode == 'opted-out' else '1'}
     out = subprocess.run([sys.executable, '-c', PAGE_FAULTS_OF_A_REUSED_BLOCK,
                           'default' if mode == 'default' else 'keep'],
                          capture_output=True, text=True, check=True, env=env).stdout.split()
-    kept, faults = out[0] == 'True', int(out[1])
+    kept, steady = out[0] == 'True', [int(f) for f in out[-20:]]
     assert kept == (mode == 'keep')
-    assert faults < 1000 if kept else faults > 10000
+    assert all(f < 1000 for f in steady) if kept else all(f > 10000 for f in steady), steady
 
 
 def test_cpu_runs_keep_freed_memory(monkeypatch, tmp_path):

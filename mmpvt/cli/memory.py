@@ -19,8 +19,12 @@ def keep_freed_memory() -> bool:
     when freed, so each of a training step's large activations and gradients is faulted in
     page by page again, every step: on a 2-core VM that was a third of a PVTv2-b2 training
     step at 2x3x512x512 (docs/benchmarks.md). With ``mmap`` off for allocations and trimming
-    only above 2 GiB of free heap, the memory freed by one step serves the next. The
-    process keeps its peak footprint, as PyTorch's CUDA caching allocator does on a GPU.
+    only above 2 GiB of free heap, the memory freed by one step serves the next once the heap
+    has reached its high-water mark. That takes a few steps, not one: PyTorch's aligned
+    allocations leave a small remainder beside each block, glibc's thread cache holds it, and
+    a freed block merges into the top of the heap only once that cache's bin is full (seven
+    chunks), so the first rounds of a size still take fresh memory. The process keeps its
+    peak footprint, as PyTorch's CUDA caching allocator does on a GPU.
 
     Returns whether the setting took (False off glibc, or when ``MMPVT_KEEP_FREED_MEMORY=0``).
     """
