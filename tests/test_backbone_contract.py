@@ -155,8 +155,27 @@ def test_outputs_match_the_declared_contract(case, shape):
         outs = model(torch.randn(shape))
     check_maps(model, outs, shape)
     assert all(torch.isfinite(o).all() for o in outs)
-    # channels-last in memory, the layout the FPN's convolutions read without a copy
-    assert all(o.is_contiguous(memory_format=torch.channels_last) for o in outs)
+    # contiguous NCHW, what mmcv's compiled ops assume (test_mmcv_roi_align_reads_the_maps_right)
+    assert all(o.is_contiguous() for o in outs)
+
+
+@pytest.mark.parametrize('case', SMALL, ids=case_id)
+def test_mmcv_roi_align_reads_the_maps_right(case):
+    """mmcv's RoIAlign (Mask R-CNN's RoI features) reads a map's memory as NCHW whatever its
+    strides; on the channels-last maps the backbones computed it pooled wrong values without an
+    error. Over each level, and over a convolution's output on it (an FPN's), it equals
+    torchvision's RoIAlign, which follows the strides."""
+    from mmcv.ops import RoIAlign
+    from torchvision.ops import roi_align
+    cls, arch = case
+    model = all_levels(cls, arch).eval()
+    rois = torch.tensor([[0, 1.5, 2.0, 9.0, 7.5], [1, 0.0, 0.0, 15.0, 11.0]])
+    with torch.no_grad():
+        for level in model(torch.randn(2, 3, 64, 96)):
+            lateral = nn.Conv2d(level.shape[1], 8, 1)(level)
+            for x in (level, lateral):
+                expected = roi_align(x, rois, 7, 1.0, 0, True)
+                assert torch.allclose(RoIAlign(7, 1.0, 0, aligned=True)(x, rois), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize('case', SMALL, ids=case_id)

@@ -57,7 +57,8 @@ def _fit_loaded_state_dict(module: DenseBackbone, state_dict: dict[str, Any], pr
 
 
 class DenseBackbone(BaseModule):
-    """A backbone for detection and segmentation: maps at strides 4, 8, 16 and 32.
+    """A backbone for detection and segmentation: maps at strides 4, 8, 16 and 32, handed
+    out as contiguous NCHW tensors (``layers.nchw_maps``).
 
     Args:
         arch: a variant name of the family (a key of ``arch_zoo``) or a dict holding at

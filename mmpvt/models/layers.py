@@ -4,8 +4,9 @@ Token maps travel as ``(B, N, C)`` sequences inside blocks and as ``(B, C, H, W)
 between them. The two conversions below are views, never copies: a contiguous
 ``(B, N, C)`` tensor seen as ``(B, C, H, W)`` has channels-last strides, which is what
 PyTorch's CPU and cuDNN convolutions prefer, and a channels-last map flattens back into a
-contiguous sequence. Keeping maps channels-last end to end is what saves the layout copies
-that dominate other PVT implementations' profiles.
+contiguous sequence. Keeping maps channels-last through the backbone is what saves the layout
+copies that dominate other PVT implementations' profiles; the maps a backbone returns are
+copied once to contiguous NCHW (``nchw_maps``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,18 @@ import torch.nn.functional as F
 from torch import nn
 
 HW = tuple[int, int]
+
+
+def nchw_maps(maps: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """A backbone's output maps as contiguous NCHW tensors: every family returns these.
+
+    Inside, maps stay channels-last views of the tokens; outside, what follows a backbone may
+    read memory as NCHW whatever the strides say. mmcv's compiled RoIAlign does, and on the
+    channels-last maps of an FPN above a channels-last backbone it pooled wrong values without
+    an error (Mask R-CNN's RoI features off by the maps' own scale). One copy per level keeps
+    every consumer right.
+    """
+    return tuple(m.contiguous() for m in maps)
 
 
 class DropPath(nn.Module):

@@ -38,7 +38,16 @@ from ..checkpoint import CheckpointFormat
 from ..registry import register_model
 from .attention import rel_pos_attention, rel_pos_lookup, window_partition, window_unpartition
 from .base import DenseBackbone
-from .layers import HW, DropPath, Mlp, PatchEmbed, abs_pos_embed_to_grid, exporting, init_linear_and_norm
+from .layers import (
+    HW,
+    DropPath,
+    Mlp,
+    PatchEmbed,
+    abs_pos_embed_to_grid,
+    exporting,
+    init_linear_and_norm,
+    nchw_maps,
+)
 
 # LayerNorm eps of every MViTv2 release and of detectron2's MViT configs.
 NORM_EPS = 1e-6
@@ -439,7 +448,7 @@ def run_map_blocks(blocks: Sequence[MultiScaleBlock], x: torch.Tensor, norms: Ma
                    recompute: bool, level_is_output: bool) -> tuple[torch.Tensor, ...]:
     """Runs ``blocks`` on a ``(B, H, W, C)`` map up to the last block that ``norms`` names
     (block index -> the norm of the level taken there) and returns those levels, normalised,
-    as NCHW-shaped, channels-last maps.
+    as contiguous NCHW maps.
 
     A level is the block's output (``level_is_output``, MViT v1), or the block's map at its
     attention width (MViTv2: the same map, except where a block widens in its MLP, in
@@ -450,7 +459,7 @@ def run_map_blocks(blocks: Sequence[MultiScaleBlock], x: torch.Tensor, norms: Ma
         x, attention_map = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         if i in norms:
             outs.append(norms[i](x if level_is_output else attention_map).permute(0, 3, 1, 2))
-    return tuple(outs)
+    return nchw_maps(outs)
 
 
 # -- backbones -------------------------------------------------------------------------------
@@ -596,8 +605,7 @@ class MViTv2(DenseBackbone):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Returns the maps of ``out_indices``: ``(B, out_channels[k], ceil(H / s_k), ceil(W / s_k))``,
-        channels-last in memory (NCHW shape)."""
+        """Returns the maps of ``out_indices``: ``(B, out_channels[k], ceil(H / s_k), ceil(W / s_k))``."""
         self.check_input(x)
         norms = {self.stage_ends[level]: getattr(self, _out_norm_name(level)) for level in self.out_indices}
         return run_map_blocks(self.blocks, self.patch_embed(x), norms, self.recompute, level_is_output=False)
@@ -774,7 +782,7 @@ class MViTv1(DenseBackbone):
             if i in levels:
                 norm = getattr(self, self._level_norm_name(levels[i]))
                 outs.append(norm(x[:, 1:]).unflatten(1, hw).permute(0, 3, 1, 2))
-        return tuple(outs)
+        return nchw_maps(outs)
 
     def _forward_windowed(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The window design on the embedded ``(B, H, W, C)`` map: the blocks run on maps, as

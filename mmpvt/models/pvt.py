@@ -30,6 +30,7 @@ from .layers import (
     adaptive_avg_pool2d,
     exporting,
     init_linear_and_norm,
+    nchw_maps,
     nchw_to_nlc,
     nlc_to_nchw,
     resize_pos_embed,
@@ -401,11 +402,7 @@ class PyramidVisionTransformerBase(DenseBackbone):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Returns the maps of ``out_indices``: ``(B, out_channels[k], H / s_k, W / s_k)``.
-
-        The maps are channels-last in memory (NCHW shape), the layout convolutions run
-        fastest on; a caller that needs contiguous NCHW calls ``.contiguous()``.
-        """
+        """Returns the maps of ``out_indices``: ``(B, out_channels[k], H / s_k, W / s_k)``."""
         self.check_input(x)
         x = x.contiguous(memory_format=torch.channels_last)
         outs = []
@@ -413,7 +410,7 @@ class PyramidVisionTransformerBase(DenseBackbone):
             x = stage(x, self.recompute)
             if i in self.out_indices:
                 outs.append(x)
-        return tuple(outs)
+        return nchw_maps(outs)
 
 
 def _image_size(size: int | Sequence[int], name: str) -> HW:

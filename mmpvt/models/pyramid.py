@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LayerNorm2d
+from .layers import LayerNorm2d, nchw_maps
 
 
 class SimplePyramid:
@@ -50,7 +50,7 @@ class SimplePyramid:
 
     def __call__(self, host: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The maps of :attr:`levels`, in order, from the stride-16 map ``x`` ``(B, C, H, W)``."""
-        return tuple(self.level(host, level, x) for level in self.levels)
+        return nchw_maps(self.level(host, level, x) for level in self.levels)
 
     @staticmethod
     def level(host: nn.Module, level: int, x: torch.Tensor) -> torch.Tensor:

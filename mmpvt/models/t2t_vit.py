@@ -448,8 +448,7 @@ class T2TViT(DenseBackbone):
         """Returns the maps of ``out_indices``: ``(B, out_channels[k], H / s_k, W / s_k)``.
 
         Exact for inputs padded to ``size_divisor`` (32); otherwise the soft splits and the
-        stride-32 max-pool round as their arithmetic does. The maps are channels-last in
-        memory (NCHW shape).
+        stride-32 max-pool round as their arithmetic does.
         """
         self.check_input(x)
         recompute = self.recompute

@@ -197,8 +197,7 @@ class ViTDet(DenseBackbone):
         """Returns the maps of ``out_indices``: ``(B, out_channels[k], H / s_k, W / s_k)``.
 
         For inputs padded to ``size_divisor`` (32) the sizes are exact; otherwise the patch
-        embedding floors to whole patches and the stride-32 max-pool floors odd grids. The
-        maps are channels-last in memory (NCHW shape).
+        embedding floors to whole patches and the stride-32 max-pool floors odd grids.
         """
         self.check_input(x)
         x = self.patch_embed(x)
