@@ -115,6 +115,11 @@ def _flat(outputs) -> list[torch.Tensor]:
     return [t for item in outputs for t in _flat(item)]
 
 
+def is_two_stage(model: nn.Module) -> bool:
+    """Whether ``model`` is an mmdet detector with a region proposal stage and a RoI head."""
+    return hasattr(model, 'rpn_head') and hasattr(model, 'roi_head')
+
+
 def _integral_upsample(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     from mmseg.models.utils import resize
     factor = int(module.scale_factor)
@@ -130,16 +135,22 @@ class TensorMode(nn.Module):
     mmseg's ``Upsample`` with an integral factor computes its size in integers here: as
     ``int(side * factor)`` a symbolic size becomes a Python float and ties the export to the
     traced size (it exported Semantic FPN 4.7e-2 off at other sizes); the same sizes, the
-    same values. A two-stage detector is refused: its proposal stage runs NMS and RoI
-    operations of mmcv that ONNX cannot hold.
+    same values.
+
+    A two-stage detector (Mask R-CNN, Cascade Mask R-CNN) is exported up to its first NMS: the
+    RPN's class scores per level, its box deltas per level, then the neck's maps. mmdet's own
+    tensor mode goes on into the RoI head, which needs the proposals that RPN's NMS selects and
+    mmcv's RoIAlign; both stay in PyTorch (:func:`predict_with_export`), where they run on the
+    exported maps with the checkpoint's RoI-head weights.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        if hasattr(model, 'rpn_head') and hasattr(model, 'roi_head'):
-            raise ExportError(f'{type(model).__name__} is a two-stage detector: its tensor mode selects '
-                              'proposals with NMS and pools them with mmcv\'s RoI operations, which do not '
-                              'export; export its backbone with --backbone-only')
+        if is_two_stage(model) and not hasattr(model.rpn_head, 'prior_generator'):
+            proposer = type(model.rpn_head).__name__
+            raise ExportError(f'{type(model).__name__}\'s proposals come from its {proposer}, not from a '
+                              'region proposal network\'s dense outputs: only the stage before an RPN\'s NMS '
+                              'exports; export its backbone with --backbone-only')
         if not hasattr(model, '_forward'):
             raise ExportError(f'{type(model).__name__} has no tensor mode (_forward): not an mmdet or mmseg '
                               'model')
@@ -154,7 +165,26 @@ class TensorMode(nn.Module):
             if isinstance(module, Upsample) and not module.size and integral:
                 module.forward = functools.partial(_integral_upsample, module)
 
+    def output_names(self, count: int) -> list[str]:
+        """Names of the ``count`` outputs: a detector's by group and stride (``scores_stride8``,
+        ``deltas_stride8``; ``rpn_scores_stride4``, ``rpn_deltas_stride4``, ``neck_stride4``),
+        a segmentor's ``logits``; by position where the head is not one of these."""
+        two_stage = is_two_stage(self.model)
+        head = self.model.rpn_head if two_stage else getattr(self.model, 'bbox_head', None)
+        strides = [int(s[0]) for s in getattr(getattr(head, 'prior_generator', None), 'strides', ())]
+        if strides and count % len(strides) == 0:
+            groups = ['rpn_scores', 'rpn_deltas', 'neck'] if two_stage else ['scores', 'deltas']
+            groups += [f'output{g}' for g in range(len(groups), count // len(strides))]
+            return [f'{group}_stride{s}' for group in groups[:count // len(strides)] for s in strides]
+        if count == 1 and hasattr(self.model, 'decode_head'):
+            return ['logits']
+        return [f'output{i}' for i in range(count)]
+
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if is_two_stage(self.model):
+            features = self.model.extract_feat(image)
+            scores, deltas = self.model.rpn_head(features)
+            return (*scores, *deltas, *features)
         return tuple(_flat(self.model._forward(image)))
 
 
@@ -180,8 +210,9 @@ def export(model: nn.Module, shape: Sequence[int], fmt: str, out: str | os.PathL
     if dynamic and not all(smallest <= side <= MAX_SIDE for side in shape[2:]):
         raise ExportError(f'a dynamic export of {type(model).__name__} is traced at sides in [{smallest}, '
                           f'{MAX_SIDE}]; got {shape[2:]}')
-    strides = getattr(model, 'out_strides', None)  # a DenseBackbone's; positions otherwise
-    names = ([f'stride{s}' for s in strides] if strides and len(strides) == len(output_shapes)
+    strides = getattr(model, 'out_strides', None)  # a DenseBackbone's
+    names = (model.output_names(len(output_shapes)) if isinstance(model, TensorMode)
+             else [f'stride{s}' for s in strides] if strides and len(strides) == len(output_shapes)
              else [f'output{i}' for i in range(len(output_shapes))])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -278,34 +309,49 @@ def runner_for_file(path: str | os.PathLike, threads: int | None = None) -> Call
 def predict_with_export(model: nn.Module, path: str | os.PathLike) -> None:
     """Makes ``model.predict`` run its tensor mode from the exported file at ``path`` and the
     rest as mmdet or mmseg would: a single-stage detector's ``bbox_head.predict_by_feat``
-    (box decoding, score threshold, NMS, rescaling) or a segmentor's ``predict_by_feat`` and
-    ``postprocess_result`` (resizing, argmax). The model's own weights are not used for the
-    tensor mode; its configuration drives the post-processing.
+    (box decoding, score threshold, NMS, rescaling); a two-stage detector's proposal
+    selection (``rpn_head.predict_by_feat``) and RoI head (``roi_head.predict``: RoIAlign,
+    box and mask heads, NMS, rescaling) on the exported maps; or a segmentor's
+    ``predict_by_feat`` and ``postprocess_result`` (resizing, argmax). The model's own weights
+    are not used for the exported part; its configuration drives the post-processing, and a
+    two-stage detector's RoI head runs with its weights.
     """
     run = runner_for_file(path)
-    head = getattr(model, 'bbox_head', None)
+    two_stage = is_two_stage(model)
+    head = model.rpn_head if two_stage else getattr(model, 'bbox_head', None)
     if head is not None:
-        if hasattr(model, 'roi_head') or not hasattr(head, 'prior_generator'):
-            raise ExportError(f'{type(model).__name__}: only single-stage detectors with per-level dense '
-                              'outputs run from an export')
+        if not hasattr(head, 'prior_generator'):
+            raise ExportError(f'{type(model).__name__}: only detectors with per-level dense outputs (a '
+                              'single-stage head or an RPN) run from an export')
         levels = head.prior_generator.num_levels
         scores = head.cls_out_channels * head.num_base_priors  # channels of the first output
+        expected = (f'scores and box deltas of {levels} levels, then the neck\'s {levels} maps' if two_stage
+                    else f'groups of {levels} levels, class scores first')
+
+        def dense_outputs(inputs: torch.Tensor) -> list[list[torch.Tensor]]:
+            outputs = [torch.from_numpy(np.asarray(o)) for o in run(inputs.float().cpu())]
+            groups = len(outputs) // levels
+            if (len(outputs) % levels or (two_stage and groups != 3) or outputs[0].dim() != 4
+                    or outputs[0].shape[1] != scores):
+                raise ExportError(f'{path} is not this detector\'s tensor mode: {len(outputs)} outputs, the '
+                                  f'first {list(outputs[0].shape)}; expected {expected} ({scores} score '
+                                  'channels); export it without --backbone-only')
+            return [outputs[i:i + levels] for i in range(0, len(outputs), levels)]
 
         def predict_detections(inputs: torch.Tensor, data_samples: list, rescale: bool = True) -> list:
-            outputs = [torch.from_numpy(np.asarray(o)) for o in run(inputs.float().cpu())]
-            if len(outputs) % levels or outputs[0].dim() != 4 or outputs[0].shape[1] != scores:
-                raise ExportError(f'{path} is not this detector\'s tensor mode: {len(outputs)} outputs, the '
-                                  f'first {list(outputs[0].shape)}; expected groups of {levels} levels, '
-                                  f'class scores first ({scores} channels); export it without '
-                                  '--backbone-only')
-            groups = [outputs[i:i + levels] for i in range(0, len(outputs), levels)]
+            groups = dense_outputs(inputs)
             metas = [sample.metainfo for sample in data_samples]
-            results = head.predict_by_feat(*groups, batch_img_metas=metas, rescale=rescale)
+            if two_stage:
+                cls_scores, deltas, features = groups
+                proposals = head.predict_by_feat(cls_scores, deltas, batch_img_metas=metas, rescale=False)
+                results = model.roi_head.predict(tuple(features), proposals, data_samples, rescale=rescale)
+            else:
+                results = head.predict_by_feat(*groups, batch_img_metas=metas, rescale=rescale)
             return model.add_pred_to_datasample(data_samples, results)
         model.predict = predict_detections
         return
     if not hasattr(model, 'decode_head'):
-        raise ExportError(f'{type(model).__name__}: not an mmdet single-stage detector or an mmseg segmentor')
+        raise ExportError(f'{type(model).__name__}: not an mmdet detector or an mmseg segmentor')
     if model.test_cfg.get('mode', 'whole') != 'whole':
         raise ExportError(f'the exported segmentor runs whole-image inference; the config asks for '
                           f'{model.test_cfg["mode"]!r} (set model.test_cfg.mode=whole)')

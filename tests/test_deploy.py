@@ -115,11 +115,26 @@ def test_tool_exports_a_zoo_backbone_and_proves_it_equal(fmt, tmp_path):
     assert lines[-1] == 'equal to the PyTorch model within 1e-04 of every map\'s scale'
 
 
+def test_tool_refuses_proposals_without_an_rpn_in_one_line(tmp_path):
+    """Sparse R-CNN's proposals are learned embeddings: no dense stage before an NMS to export."""
+    result = run_tool('configs/sparse_rcnn_pvt_v2_b2_3x.py', '--format', 'onnx', '--shape', '128', '128',
+                      '--out', str(tmp_path / 'm.onnx'))
+    assert result.returncode == 1 and not (tmp_path / 'm.onnx').exists()
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: SparseRCNN's proposals come from its EmbeddingRPNHead, not from a region proposal network's "
+        "dense outputs: only the stage before an RPN's NMS exports; export its backbone with --backbone-only")
+
+
 @pytest.mark.parametrize('config, fmt, outputs', [
     # class scores, then box deltas, at strides 8-128; RetinaNet's dynamic range starts at 129
-    ('retinanet_pvt_v2_b0.py', 'onnx', ['output0 [1, 720, 32, 40]', 'output9 [1, 36, 2, 3]', '[129, 4096]']),
+    ('retinanet_pvt_v2_b0.py', 'onnx', ['scores_stride8 [1, 720, 32, 40]', 'deltas_stride128 [1, 36, 2, 3]',
+                                        '[129, 4096]']),
+    # up to the first NMS: the RPN's scores and deltas, then the neck's maps, at strides 4-64
+    ('mask_rcnn_pvt_v2_b0.py', 'pt2', ['rpn_scores_stride4 [1, 3, 64, 80]',
+                                       'rpn_deltas_stride64 [1, 12, 4, 5]', 'neck_stride4 [1, 256, 64, 80]',
+                                       'neck_stride64 [1, 256, 4, 5]', '[65, 4096]']),
     # the logits at 1/4 of the input, through mmseg's Upsample x2 in the FPN head
-    ('fpn_pvt_v2_b0_ade20k.py', 'pt2', ['output0 [1, 150, 64, 80]', '[64, 4096]']),
+    ('fpn_pvt_v2_b0_ade20k.py', 'pt2', ['logits [1, 150, 64, 80]', '[64, 4096]']),
 ])
 def test_tool_exports_a_detectors_and_a_segmentors_tensor_mode(config, fmt, outputs, tmp_path):
     """Backbone, neck and head outputs before post-processing, equal to PyTorch's at 256x320,
@@ -134,10 +149,3 @@ def test_tool_exports_a_detectors_and_a_segmentors_tensor_mode(config, fmt, outp
     assert result.stdout.splitlines()[-1] == 'equal to the PyTorch model within 1e-04 of every map\'s scale'
 
 
-def test_tool_refuses_a_two_stage_detector_in_one_line(tmp_path):
-    result = run_tool('configs/mask_rcnn_pvt_v2_b0.py', '--format', 'onnx', '--shape', '160', '224',
-                      '--out', str(tmp_path / 'm.onnx'))
-    assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
-        'error: MaskRCNN is a two-stage detector: its tensor mode selects proposals with NMS and pools them '
-        "with mmcv's RoI operations, which do not export; export its backbone with --backbone-only")

@@ -300,6 +300,47 @@ def test_detector_export_predicts_what_pytorch_predicts(backend, suffix, detecto
             assert np.abs(np.subtract(i['bbox'], j['bbox'])).max() <= 1e-3
 
 
+def matched_instances(eager: list[dict], exported: list[dict]) -> list[tuple[dict, dict]]:
+    """Pairs each eager detection with an exported one of the same class, score within 1e-4
+    and box within 1e-3 px; both lists must pair up whole. (Scores equal to 1e-4 may swap
+    places in a list sorted by score, so pairs are found, not read off in order.)"""
+    assert len(eager) == len(exported)
+    left, pairs = list(exported), []
+    for a in eager:
+        b = next((b for b in left if b['label'] == a['label'] and abs(b['score'] - a['score']) <= 1e-4
+                  and np.abs(np.subtract(a['bbox'], b['bbox'])).max() <= 1e-3), None)
+        assert b is not None, f'no exported detection matches {a}'
+        left.remove(b)
+        pairs.append((a, b))
+    return pairs
+
+
+@pytest.mark.slow
+def test_two_stage_export_predicts_what_pytorch_predicts(workspace):
+    """A trained Mask R-CNN exported up to its first NMS (dynamic, traced at 128x128), with
+    mmdet's proposal selection and RoI head run on its outputs, on the val images and one of
+    another shape: the same detections (boxes within 1e-3 px, scores within 1e-4) and the
+    same masks (IoU >= 0.999 each)."""
+    from pycocotools import mask as mask_utils
+    checkpoint = train('mask_rcnn', workspace)
+    root = workspace / 'two_stage_export'
+    root.mkdir()
+    model = root / 'mask_rcnn.onnx'
+    export_tensor_mode(DEMO_CONFIGS['mask_rcnn'], checkpoint, model, '--dynamic')
+    folder = root / 'images'
+    image_folder(sorted((workspace / 'data/synthetic/coco/val2017').glob('*.jpg')), folder)
+    keep_all = ['--score-thr', '0', '--cfg-options', 'model.test_cfg.rcnn.score_thr=0.0']
+    eager = predictions(folder, DEMO_CONFIGS['mask_rcnn'], checkpoint, root / 'eager', *keep_all)
+    exported = predictions(folder, DEMO_CONFIGS['mask_rcnn'], checkpoint, root / 'exported',
+                           '--backend', 'onnxruntime', '--model', model, *keep_all)
+    assert len(eager['images']) == len(exported['images']) == 3
+    for a, b in zip(eager['images'], exported['images']):
+        assert a['instances']
+        for i, j in matched_instances(a['instances'], b['instances']):
+            iou = mask_utils.iou([i['mask']], [j['mask']], [False])[0, 0]
+            assert iou >= 0.999, (i['bbox'], iou)
+
+
 def test_segmentor_export_draws_the_same_maps(segmentor, workspace):
     """The trained Semantic FPN exported with dynamic sizes (traced at 128x128) and run between
     mmseg's pre- and post-processing, on the val images and one of another shape: the same

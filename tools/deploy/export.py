@@ -6,7 +6,8 @@
 CHECKPOINT is the trained detector's or segmentor's; without it the model keeps its
 initialisation (a shape-only export). Exported: the backbone (--backbone-only), or the model's
 tensor mode (mmdet's and mmseg's ``_forward``: backbone, neck and head outputs before any
-post-processing; not for two-stage detectors, whose proposal stage does not export). The
+post-processing; a two-stage detector's up to its first NMS: the RPN's outputs and the neck's
+maps, its RoI head staying in PyTorch; mmpvt.deploy.TensorMode). The
 artefact is traced at 1x3xHxW; with --dynamic its height and width are symbolic (64 to 4096
 pixels; more at the low end where the coarsest output needs it: 129 for RetinaNet). After writing it, the
 tool runs it (onnxruntime on the CPU, or the loaded program) against the PyTorch model at the
