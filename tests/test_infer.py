@@ -294,21 +294,25 @@ def test_detector_export_predicts_what_pytorch_predicts(backend, suffix, detecto
         assert out.returncode == 1
         assert f'error: {backbone} is not this detector\'s tensor mode: 4 outputs' in out.stderr, out.stderr
     for a, b in zip(eager['images'], exported['images']):
-        assert a['instances'] and [i['label'] for i in a['instances']] == [i['label'] for i in b['instances']]
-        for i, j in zip(a['instances'], b['instances']):
-            assert abs(i['score'] - j['score']) <= 1e-4
-            assert np.abs(np.subtract(i['bbox'], j['bbox'])).max() <= 1e-3
+        assert a['instances']
+        matched_instances(a['instances'], b['instances'])
+
+
+# predictions.json records scores to 4 decimals and boxes to 0.01 px: values within 1e-4 and
+# 1e-3 px of each other may be recorded up to one rounding step further apart.
+SCORE_TOL, BOX_TOL = 1e-4 + 1e-4 + 1e-9, 1e-3 + 1e-2 + 1e-9
 
 
 def matched_instances(eager: list[dict], exported: list[dict]) -> list[tuple[dict, dict]]:
     """Pairs each eager detection with an exported one of the same class, score within 1e-4
-    and box within 1e-3 px; both lists must pair up whole. (Scores equal to 1e-4 may swap
-    places in a list sorted by score, so pairs are found, not read off in order.)"""
+    and box within 1e-3 px (as recorded: ``SCORE_TOL``, ``BOX_TOL``); both lists must pair up
+    whole. (Scores equal to 1e-4 may swap places in a list sorted by score, so pairs are
+    found, not read off in order.)"""
     assert len(eager) == len(exported)
     left, pairs = list(exported), []
     for a in eager:
-        b = next((b for b in left if b['label'] == a['label'] and abs(b['score'] - a['score']) <= 1e-4
-                  and np.abs(np.subtract(a['bbox'], b['bbox'])).max() <= 1e-3), None)
+        b = next((b for b in left if b['label'] == a['label'] and abs(b['score'] - a['score']) <= SCORE_TOL
+                  and np.abs(np.subtract(a['bbox'], b['bbox'])).max() <= BOX_TOL), None)
         assert b is not None, f'no exported detection matches {a}'
         left.remove(b)
         pairs.append((a, b))
@@ -320,7 +324,9 @@ def test_two_stage_export_predicts_what_pytorch_predicts(workspace):
     """A trained Mask R-CNN exported up to its first NMS (dynamic, traced at 128x128), with
     mmdet's proposal selection and RoI head run on its outputs, on the val images and one of
     another shape: the same detections (boxes within 1e-3 px, scores within 1e-4) and the
-    same masks (IoU >= 0.999 each)."""
+    same masks: IoU >= 0.999 over all of them, >= 0.99 each. A mask head trained two iterations
+    puts many pixels near its 0.5 threshold, where a difference of 1e-6 in the features flips
+    single pixels (one mask of 300 at 0.9988 in one run, the whole at 0.99999)."""
     from pycocotools import mask as mask_utils
     checkpoint = train('mask_rcnn', workspace)
     root = workspace / 'two_stage_export'
@@ -334,17 +340,26 @@ def test_two_stage_export_predicts_what_pytorch_predicts(workspace):
     exported = predictions(folder, DEMO_CONFIGS['mask_rcnn'], checkpoint, root / 'exported',
                            '--backend', 'onnxruntime', '--model', model, *keep_all)
     assert len(eager['images']) == len(exported['images']) == 3
+    intersection = union = 0
     for a, b in zip(eager['images'], exported['images']):
         assert a['instances']
         for i, j in matched_instances(a['instances'], b['instances']):
-            iou = mask_utils.iou([i['mask']], [j['mask']], [False])[0, 0]
-            assert iou >= 0.999, (i['bbox'], iou)
+            both = int(mask_utils.area(mask_utils.merge([i['mask'], j['mask']], intersect=True)))
+            either = int(mask_utils.area(i['mask']) + mask_utils.area(j['mask'])) - both
+            # a box under a pixel high (on the wide image's edge) has an empty mask on both sides
+            assert either == 0 or both / either >= 0.99, (i['bbox'], both, either)
+            intersection, union = intersection + both, union + either
+    assert intersection / union >= 0.999
 
 
 def test_segmentor_export_draws_the_same_maps(segmentor, workspace):
     """The trained Semantic FPN exported with dynamic sizes (traced at 128x128) and run between
     mmseg's pre- and post-processing, on the val images and one of another shape: the same
-    classes and pixel counts, and the same drawings pixel for pixel."""
+    classes, and the same maps but for near-ties. The exported logits differ from PyTorch's by
+    about 1e-6 of their scale; a model trained two iterations has pixels whose two best classes
+    are closer than that, and their argmax may go either way (2 of 16,384 pixels in one image,
+    once, after the backbones' maps became contiguous NCHW: the eager rounding moved). At most
+    one pixel in 2,000 may differ."""
     root = workspace / 'seg_export'
     root.mkdir()
     model = root / 'fpn.onnx'
@@ -355,10 +370,13 @@ def test_segmentor_export_draws_the_same_maps(segmentor, workspace):
     eager = predictions(folder, DEMO_CONFIGS['fpn'], segmentor, root / 'eager')
     exported = predictions(folder, DEMO_CONFIGS['fpn'], segmentor, root / 'exported',
                            '--backend', 'onnxruntime', '--model', model)
-    assert [r['classes'] for r in eager['images']] == [r['classes'] for r in exported['images']]
-    for record in eager['images']:
-        drawn = [cv2.imread(str(root / side / record['drawing'])) for side in ('eager', 'exported')]
-        assert np.array_equal(*drawn), record['drawing']
+    for a, b in zip(eager['images'], exported['images']):
+        assert [c['label'] for c in a['classes']] == [c['label'] for c in b['classes']]
+        pixels = sum(c['pixels'] for c in a['classes'])
+        moved = sum(abs(c['pixels'] - d['pixels']) for c, d in zip(a['classes'], b['classes']))
+        assert moved <= pixels / 2000, (a['classes'], b['classes'])
+        drawn = [cv2.imread(str(root / side / a['drawing'])) for side in ('eager', 'exported')]
+        assert np.any(drawn[0] != drawn[1], axis=-1).sum() <= pixels / 2000, a['drawing']
 
 
 @pytest.mark.parametrize('options, message', [

@@ -288,6 +288,27 @@ class DenseBackbone(BaseModule):
         else:
             super().init_weights()
 
+    def _convert_other_layout(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """Renames, in place, a backbone that another implementation of this family saved
+        (mmdet's own PVT inside its published RetinaNet checkpoints, a detectron2 ViTDet) to
+        this model's names, through the family's ``checkpoint_format``; the rest of the state
+        dict (neck, heads) is left as it is. Only when none of the backbone's keys is this
+        model's own and the family recognises the layout: anything else is left to the checks
+        that follow."""
+        inside = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not inside or not set(inside).isdisjoint(self.state_dict()):
+            return
+        try:
+            layout = self.checkpoint_format.layout(inside)
+        except ValueError:  # not this family's checkpoint
+            return
+        converted = self.checkpoint_format.convert(inside)
+        for key in inside:
+            del state_dict[prefix + key]
+        state_dict.update({prefix + key: value for key, value in converted.items()})
+        print_log(f'{type(self).__name__}: read the checkpoint\'s backbone as {layout} '
+                  f'({len(inside)} tensors)', MMLogger.get_current_instance())
+
     def adapt_loaded_state_dict(self, state_dict: dict[str, Any], prefix: str = '') -> None:
         """Fits a state dict about to be loaded to this model, in place, or refuses it.
 
@@ -302,6 +323,7 @@ class DenseBackbone(BaseModule):
         """
         logger = MMLogger.get_current_instance()
         name = type(self).__name__
+        self._convert_other_layout(state_dict, prefix)
         self.check_loaded_keys([k[len(prefix):] for k in state_dict if k.startswith(prefix)])
         unbuilt = self.unbuilt_prefixes()
         skipped = [k for k in state_dict
