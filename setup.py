@@ -1,8 +1,10 @@
 """Installs mmpvt: Pyramid Vision Transformer backbones for MMDetection and MMSegmentation."""
 import re
+import shutil
 from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).parent
 VERSION = re.search(r"__version__ = '([^']+)'", (HERE / 'mmpvt' / 'version.py').read_text()).group(1)
@@ -18,6 +20,25 @@ DWCONV_GELU = Extension(
     extra_link_args=['-fopenmp'],
     optional=True,  # no C compiler: mmpvt installs and runs the PyTorch layers instead
 )
+
+
+
+class BuildPyWithZoo(build_py):
+    """Copies the model zoo into the package's ``.mim`` folder, where an installed OpenMMLab
+    package keeps it: ``.mim/configs/`` (configs/ as in the repository) and
+    ``.mim/model-index.yml``, read by mmpvt.model_index, mmengine and openmim. An editable
+    install reads them from the checkout instead."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, 'editable_mode', False):
+            return
+        mim = Path(self.build_lib) / 'mmpvt' / '.mim'
+        shutil.rmtree(mim, ignore_errors=True)
+        skip = shutil.ignore_patterns('__pycache__', '*.pyc')
+        shutil.copytree(HERE / 'configs', mim / 'configs', ignore=skip)
+        shutil.copy2(HERE / 'model-index.yml', mim / 'model-index.yml')
+
 
 setup(
     name='mmpvt',
@@ -50,5 +71,6 @@ setup(
         'deploy': ['onnx>=1.17', 'onnxruntime>=1.20', 'onnxscript>=0.3'],
     },
     ext_modules=[DWCONV_GELU],
+    cmdclass={'build_py': BuildPyWithZoo},
     zip_safe=False,
 )

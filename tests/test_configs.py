@@ -370,6 +370,31 @@ def test_readme_and_metafile_list_every_config():
         assert bool(model.get('Results')) == (name not in UNPUBLISHED), name
 
 
+def test_readme_and_metafile_list_the_same_trained_weights():
+    """mmdet's published RetinaNet checkpoints, each with the AP mmdet published for it and the
+    paper's, in the index and in the README's table; every other model has none."""
+    readme = (CONFIGS / 'README.md').read_text()
+    models = yaml.safe_load((CONFIGS / 'metafile.yml').read_text())['Models']
+    with_weights = [m for m in models if m.get('Weights')]
+    assert sorted(m['Name'] for m in with_weights) == sorted(
+        [f'retinanet_pvt_{v}' for v in 'tsm'] + [f'retinanet_pvt_v2_b{k}' for k in range(6)])
+    import mmdet  # its installed metafile is the source the index names
+    source = Path(mmdet.__file__).parent / '.mim' / 'configs' / 'pvt' / 'metafile.yml'
+    published = {m['Name']: m for m in yaml.safe_load(source.read_text())['Models']}
+    for model in with_weights:
+        name, url = Path(model['Config']).name, model['Weights']
+        prefix = 'https://github.com/open-mmlab/mmdetection/blob/v3.3.0/configs/pvt/metafile.yml ('
+        assert model['Metadata']['Weights Source'].startswith(prefix)
+        theirs = published[model['Metadata']['Weights Source'][len(prefix):-1]]
+        assert url == theirs['Weights']
+        assert model['Metadata']['Weights Results'] == theirs['Results']
+        own = model['Metadata']['Weights Results'][0]['Metrics']['box AP']
+        paper = model['Results'][0]['Metrics']['box AP']
+        row = f'| [{name}]({name}) | [{url.rsplit("/", 1)[-1]}]({url}) | {own} | {paper} |'
+        assert row in readme, row
+    assert readme.count('https://download.openmmlab.com/') == len(with_weights)
+
+
 # -- one source for each default: the variant tables ----------------------------------------------
 FAMILY_BASES = ['pvt.py', 'mvitv2.py', 'vitdet.py', 't2t_vit.py']
 VARIANT_DEFAULTS = ('drop_path_rate', 'window_size')
@@ -442,7 +467,10 @@ def test_metafile_and_readme_give_the_variant_tables_release_urls():
                 for variant in family_class(cls).arch_zoo.values() for key in ('pretrained', 'release_page')
                 if (url := variant.get(key))}
     readme = (CONFIGS / 'README.md').read_text()
+    weights = {model['Weights'] for model in meta['Models'] if model.get('Weights')}
     for url in re.findall(r'https://[^\s)`\'"|]+', readme):
+        if url in weights:  # trained detectors (test_readme_and_metafile_list_the_same_trained_weights)
+            continue
         if '<' in url:  # a pattern: 'releases/download/v2/<name>.pth'
             assert any(r.startswith(url.split('<')[0]) for r in releases), url
             continue
