@@ -590,7 +590,7 @@ def run(args: argparse.Namespace) -> str:
             line += f' {row["memory"]:.0f} |' if 'memory' in row else ' - |'
         lines.append(line)
     if args.op_times:
-        lines += ['', op_times_table(rows, args.repeat, device=args.device)]
+        lines += ['', op_times_table(rows, args.repeat, top=args.op_times, device=args.device)]
     return '\n'.join(lines)
 
 
@@ -617,9 +617,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--repeat', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch\'s)')
-    parser.add_argument('--op-times', action='store_true',
-                        help='also time every operator at the dispatcher and print a table of the '
-                             'largest, per implementation (ms per step)')
+    parser.add_argument('--op-times', type=int, nargs='?', const=15, default=0, metavar='N',
+                        help='also time every operator at the dispatcher and print a table of the N '
+                             '(default 15) largest, per implementation (ms per step)')
     parser.add_argument('--keep-freed-memory', action='store_true',
                         help='CPU: glibc keeps freed memory for reuse, as tools/train.py sets it '
                              '(for every implementation alike; not in the --memory probes)')

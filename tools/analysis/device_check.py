@@ -456,7 +456,9 @@ def paper_published(config: str) -> dict[str, str]:
     text = (ROOT / 'configs' / 'metafile.yml').read_text()
     blocks = re.split(r'\n- Name: ', text)
     block = next((b for b in blocks if b.split('\n', 1)[0].strip() == config), '')
-    return {key: m[1] for key in ('box AP', 'mask AP') if (m := re.search(rf'{key}: ([\d.]+)', block))}
+    # the paper's numbers are the model's Results; Metadata's Weights Results are trained weights'
+    results = block.split('\n  Results:\n', 1)[-1] if '\n  Results:\n' in block else ''
+    return {key: m[1] for key in ('box AP', 'mask AP') if (m := re.search(rf'{key}: ([\d.]+)', results))}
 
 
 def day_table(results: Sequence[Result], layout: Layout, mmdet_dir: str | None) -> str:
