@@ -395,6 +395,38 @@ def test_readme_and_metafile_list_the_same_trained_weights():
     assert readme.count('https://download.openmmlab.com/') == len(with_weights)
 
 
+def test_every_model_lists_its_measured_parameters_and_flops():
+    """Parameters (M) of the built model, and FLOPs (G) of one forward pass of the whole model
+    up to the heads' raw outputs at FLOPs Input, the config's test size. Not Sparse R-CNN's:
+    with random weights its stages regress boxes of negative size, which mmcv's RoIAlign
+    refuses, so get_flops.py cannot trace it without trained weights."""
+    for model in yaml.safe_load((CONFIGS / 'metafile.yml').read_text())['Models']:
+        meta = model['Metadata']
+        assert meta['Parameters (M)'] > 0, model['Name']
+        if model['Name'].startswith('sparse_rcnn_'):
+            assert 'FLOPs (G)' not in meta
+            continue
+        assert meta['FLOPs (G)'] > 0, model['Name']
+        assert re.fullmatch(r'\d+x\d+', meta['FLOPs Input']), model['Name']
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['retinanet_pvt_v2_b0', 'mask_rcnn_pvt_t', 'fpn_pvt_v2_b0_ade20k'])
+def test_the_index_holds_what_get_flops_measures(name):
+    """The index's FLOPs and parameters are tools/analysis/get_flops.py's for the config."""
+    import subprocess
+    import sys
+    meta = next(m for m in yaml.safe_load((CONFIGS / 'metafile.yml').read_text())['Models']
+                if m['Name'] == name)['Metadata']
+    out = subprocess.run([sys.executable, str(CONFIGS.parent / 'tools' / 'analysis' / 'get_flops.py'),
+                          str(CONFIGS / f'{name}.py'), '--cfg-options', 'model.backbone.init_cfg=None'],
+                         capture_output=True, text=True, check=True).stdout
+    assert f'(padded from {meta["FLOPs Input"]})' in out
+    row = next(line for line in out.splitlines() if line.startswith('| model |')).split('|')
+    assert round(int(row[4]) / 1e9, 1) == meta['FLOPs (G)']
+    assert round(int(row[6]) / 1e6, 2) == meta['Parameters (M)']
+
+
 # -- one source for each default: the variant tables ----------------------------------------------
 FAMILY_BASES = ['pvt.py', 'mvitv2.py', 'vitdet.py', 't2t_vit.py']
 VARIANT_DEFAULTS = ('drop_path_rate', 'window_size')
