@@ -57,3 +57,4 @@ if __name__ == '__main__':
         main()
     except (cli.LaunchError, InvalidLossError) as exc:
         sys.exit(f'error: {exc}')
+    cli.leave_process_group()
