@@ -397,21 +397,16 @@ def test_readme_and_metafile_list_the_same_trained_weights():
 
 def test_every_model_lists_its_measured_parameters_and_flops():
     """Parameters (M) of the built model, and FLOPs (G) of one forward pass of the whole model
-    up to the heads' raw outputs at FLOPs Input, the config's test size. Not Sparse R-CNN's:
-    with random weights its stages regress boxes of negative size, which mmcv's RoIAlign
-    refuses, so get_flops.py cannot trace it without trained weights."""
+    up to the heads' raw outputs at FLOPs Input, the config's test size."""
     for model in yaml.safe_load((CONFIGS / 'metafile.yml').read_text())['Models']:
         meta = model['Metadata']
-        assert meta['Parameters (M)'] > 0, model['Name']
-        if model['Name'].startswith('sparse_rcnn_'):
-            assert 'FLOPs (G)' not in meta
-            continue
-        assert meta['FLOPs (G)'] > 0, model['Name']
+        assert meta['Parameters (M)'] > 0 and meta['FLOPs (G)'] > 0, model['Name']
         assert re.fullmatch(r'\d+x\d+', meta['FLOPs Input']), model['Name']
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', ['retinanet_pvt_v2_b0', 'mask_rcnn_pvt_t', 'fpn_pvt_v2_b0_ade20k'])
+@pytest.mark.parametrize('name', ['retinanet_pvt_v2_b0', 'mask_rcnn_pvt_t', 'fpn_pvt_v2_b0_ade20k',
+                                  'sparse_rcnn_pvt_v2_b2_li_3x'])
 def test_the_index_holds_what_get_flops_measures(name):
     """The index's FLOPs and parameters are tools/analysis/get_flops.py's for the config."""
     import subprocess

@@ -20,7 +20,8 @@ def dummy_batch(cfg: Config, height: int, width: int, batch_size: int = 1, seed:
     """A batch of random ``height x width`` images as a dataloader would give it to ``test_step``.
 
     The images are uint8 noise; the data samples carry the metadata the detector or
-    segmentor reads when it post-processes predictions (image shapes, no rescaling).
+    segmentor reads when it post-processes predictions (image shapes, no rescaling), and a
+    detector's no ground-truth boxes (Sparse R-CNN's tensor mode unpacks them).
     """
     gen = torch.Generator().manual_seed(seed)
     inputs = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=gen)
@@ -28,10 +29,15 @@ def dummy_batch(cfg: Config, height: int, width: int, batch_size: int = 1, seed:
     meta = dict(img_shape=(height, width), ori_shape=(height, width), pad_shape=(height, width),
                 scale_factor=(1.0, 1.0), flip=False, flip_direction=None)
     if cfg.get('default_scope') == 'mmseg':
-        from mmseg.structures import SegDataSample as DataSample
-    else:
-        from mmdet.structures import DetDataSample as DataSample
-    return dict(inputs=inputs, data_samples=[DataSample(metainfo=dict(meta)) for _ in range(batch_size)])
+        from mmseg.structures import SegDataSample
+        return dict(inputs=inputs, data_samples=[SegDataSample(metainfo=dict(meta))
+                                                 for _ in range(batch_size)])
+    from mmdet.structures import DetDataSample
+    from mmengine.structures import InstanceData
+    samples = [DetDataSample(metainfo=dict(meta)) for _ in range(batch_size)]
+    for sample in samples:
+        sample.gt_instances = InstanceData(bboxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))
+    return dict(inputs=inputs, data_samples=samples)
 
 
 def count_parameters(module: nn.Module) -> int:

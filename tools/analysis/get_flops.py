@@ -45,6 +45,11 @@ def main() -> None:
     cfg = load_config(args.config, args.cfg_options)
     height, width = args.shape or default_shape(cfg)
     model = build_model(cfg)
+    proposals = getattr(model, 'rpn_head', None)
+    if hasattr(proposals, 'init_proposal_bboxes'):
+        # Sparse R-CNN's learned proposals: build_model leaves them uninitialised, and random
+        # boxes have negative sizes that RoIAlign refuses; their initial values are whole images.
+        proposals.init_weights()
     with torch.no_grad():
         data = model.data_preprocessor(dummy_batch(cfg, height, width), False)
         inputs = data['inputs']
