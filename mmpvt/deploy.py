@@ -120,6 +120,12 @@ def is_two_stage(model: nn.Module) -> bool:
     return hasattr(model, 'rpn_head') and hasattr(model, 'roi_head')
 
 
+def dense_head(model: nn.Module) -> nn.Module | None:
+    """The head whose per-level outputs a detector's tensor mode exports: a two-stage
+    detector's RPN, a single-stage one's box head; None for a segmentor."""
+    return model.rpn_head if is_two_stage(model) else getattr(model, 'bbox_head', None)
+
+
 def _integral_upsample(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     from mmseg.models.utils import resize
     factor = int(module.scale_factor)
@@ -155,6 +161,7 @@ class TensorMode(nn.Module):
             raise ExportError(f'{type(model).__name__} has no tensor mode (_forward): not an mmdet or mmseg '
                               'model')
         self.model = model
+        self.two_stage = is_two_stage(model)
         try:
             from mmseg.models.utils import Upsample
         except ImportError:  # pragma: no cover - mmseg is part of the stack
@@ -169,11 +176,10 @@ class TensorMode(nn.Module):
         """Names of the ``count`` outputs: a detector's by group and stride (``scores_stride8``,
         ``deltas_stride8``; ``rpn_scores_stride4``, ``rpn_deltas_stride4``, ``neck_stride4``),
         a segmentor's ``logits``; by position where the head is not one of these."""
-        two_stage = is_two_stage(self.model)
-        head = self.model.rpn_head if two_stage else getattr(self.model, 'bbox_head', None)
+        head = dense_head(self.model)
         strides = [int(s[0]) for s in getattr(getattr(head, 'prior_generator', None), 'strides', ())]
         if strides and count % len(strides) == 0:
-            groups = ['rpn_scores', 'rpn_deltas', 'neck'] if two_stage else ['scores', 'deltas']
+            groups = ['rpn_scores', 'rpn_deltas', 'neck'] if self.two_stage else ['scores', 'deltas']
             groups += [f'output{g}' for g in range(len(groups), count // len(strides))]
             return [f'{group}_stride{s}' for group in groups[:count // len(strides)] for s in strides]
         if count == 1 and hasattr(self.model, 'decode_head'):
@@ -181,7 +187,7 @@ class TensorMode(nn.Module):
         return [f'output{i}' for i in range(count)]
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if is_two_stage(self.model):
+        if self.two_stage:
             features = self.model.extract_feat(image)
             scores, deltas = self.model.rpn_head(features)
             return (*scores, *deltas, *features)
@@ -318,7 +324,7 @@ def predict_with_export(model: nn.Module, path: str | os.PathLike) -> None:
     """
     run = runner_for_file(path)
     two_stage = is_two_stage(model)
-    head = model.rpn_head if two_stage else getattr(model, 'bbox_head', None)
+    head = dense_head(model)
     if head is not None:
         if not hasattr(head, 'prior_generator'):
             raise ExportError(f'{type(model).__name__}: only detectors with per-level dense outputs (a '
